@@ -1,0 +1,97 @@
+"""Shared machinery: forward and log-det computed together, cached only for the same (x, y)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import Transform, constraints
+
+ForwardFn = Callable[..., tuple[Tensor, Tensor]]
+InverseFn = Callable[..., Tensor]
+
+
+class FlowMixin:
+    """Mixin for vector flows whose ``_forward(x)`` returns ``(y, ladj)`` in one pass.
+
+    ``log_abs_det_jacobian(x, y)`` reuses the log-det of the last forward call only when
+    ``x`` and ``y`` are the very tensors of that call (the identity check torch's own
+    ``cache_size=1`` uses); any other pair is recomputed from ``x``. Nothing else is read
+    back from ``self``, so a flow can score any point.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, ladj = self._forward(x)
+        if self._cache_size == 1:
+            self._ladj_cache = (x, y, ladj)
+        return y
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        cached = getattr(self, "_ladj_cache", None)
+        if cached is not None and cached[0] is x and cached[1] is y:
+            return cached[2]
+        return self._forward(x)[1]
+
+
+class ParamFlow(FlowMixin, Transform):
+    """A parameter-free flow for fixed (possibly batched) parameters.
+
+    ``ConditionalTransformModule.condition(context)`` returns one of these: the parameters
+    are tensors computed from the context, and ``forward``/``inverse`` are pure functions of
+    ``(x, *params)``.
+    """
+
+    def __init__(
+        self,
+        forward: ForwardFn,
+        inverse: InverseFn | None,
+        params: tuple[Tensor, ...],
+        name: str,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        self._fn = forward
+        self._inv_fn = inverse
+        self._params = params
+        self._name = name
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._fn(x, *self._params)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        if self._inv_fn is None:
+            raise NotImplementedError(f"{self._name} has no inverse.")
+        return self._inv_fn(y, *self._params)
+
+    def with_cache(self, cache_size: int = 1) -> ParamFlow:
+        if self._cache_size == cache_size:
+            return self
+        return ParamFlow(self._fn, self._inv_fn, self._params, self._name, cache_size)
+
+
+class FlowModule(FlowMixin, TransformModule):
+    """Base for unconditional flows: subclasses define ``params()`` and the pure functions."""
+
+    forward_fn: staticmethod
+    inverse_fn: staticmethod
+
+    def params(self) -> tuple[Tensor, ...]:
+        """The constrained parameters passed to the pure forward/inverse functions."""
+        raise NotImplementedError
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return type(self).forward_fn(x, *self.params())
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return type(self).inverse_fn(y, *self.params())
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"

@@ -1,0 +1,168 @@
+"""Planar flows (Rezende & Mohamed 2015), with an inverse for arbitrary points."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor, nn
+
+from pyroflows._utils import (
+    check_context,
+    check_hidden_dims,
+    check_positive_int,
+    hypernet,
+    monotone_root,
+    split_params,
+)
+from pyroflows.transforms._base import FlowModule, ParamFlow
+
+
+def planar_u_hat(u: Tensor, w: Tensor) -> Tensor:
+    r"""Enforce :math:`w^\top \hat u > -1` (Rezende & Mohamed 2015, App. A.1), finitely.
+
+    :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2` with
+    :math:`m(a) = a` for :math:`a \ge 0` and :math:`m(a) = e^a - 1` below, so
+    :math:`w^\top \hat u = m(w^\top u) > -1`. Unlike the paper's
+    :math:`m(a) = -1 + \mathrm{softplus}(a)`, the correction vanishes whenever
+    :math:`w^\top u \ge 0` and is :math:`O(\|u\|^2 \|w\|)` otherwise, so :math:`\hat u` stays
+    finite (and equals ``u``) as :math:`w \to 0`, where Pyro's version divides 0 by 0.
+    """
+    a = (w * u).sum(-1, keepdim=True)  # (*batch, 1)
+    gap = torch.where(a < 0, torch.expm1(a.clamp(max=0)) - a, torch.zeros_like(a))
+    n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return u + gap / n2 * w
+
+
+def _planar(x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """y = x + û tanh(wᵀx + b) and log|det J| = log(1 + tanh'(wᵀx + b) wᵀû)."""
+    a = torch.tanh((x * w).sum(-1) + b)  # (*batch,)
+    y = x + u_hat * a.unsqueeze(-1)  # (*batch, D)
+    wu = (w * u_hat).sum(-1)  # (*pbatch,)
+    ladj = torch.log1p((1 - a * a) * wu)
+    return y, ladj
+
+
+def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Invert planar: s = wᵀx + b solves the monotone s + (wᵀû) tanh(s) = wᵀy + b."""
+    c = (w * u_hat).sum(-1)  # (*pbatch,)
+    t = (y * w).sum(-1) + b  # (*batch,)
+    c = c.expand_as(t)
+
+    def fn(s: Tensor) -> tuple[Tensor, Tensor]:
+        th = torch.tanh(s)
+        return s + c * th, 1 + c * (1 - th * th)
+
+    s = monotone_root(fn, t, t - c.abs(), t + c.abs())
+    return y - u_hat * torch.tanh(s).unsqueeze(-1)
+
+
+class Planar(FlowModule):
+    r"""Planar flow :math:`y = x + \hat u \tanh(w^\top x + b)`.
+
+    :math:`\log|\det J| = \log(1 + \tanh'(w^\top x + b)\, w^\top \hat u)`, with
+    :math:`w^\top \hat u > -1` enforced by :func:`planar_u_hat` so the map is invertible.
+    Starts at the identity (``u = 0``).
+
+    Note:
+        Planar has no closed-form inverse. ``log_prob`` still works at any point: the inverse
+        solves the monotone scalar equation along :math:`w` by safeguarded Newton to float
+        tolerance (a few iterations), so scoring an arbitrary point costs more than scoring
+        a point this flow sampled (which is read from the cache).
+
+    Args:
+        input_dim: Dimension D of the event.
+
+    Example:
+        >>> flow = Planar(3)
+        >>> flow(torch.zeros(3)).shape
+        torch.Size([3])
+
+    References:
+        | Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
+        | https://arxiv.org/abs/1505.05770
+    """
+
+    forward_fn = staticmethod(_planar)
+    inverse_fn = staticmethod(_planar_inverse)
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__(cache_size=1)
+        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.u = nn.Parameter(torch.empty(input_dim))
+        self.w = nn.Parameter(torch.empty(input_dim))
+        self.b = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity start: ``u = 0``, ``b = 0``, ``w ~ U(-1/√D, 1/√D)``."""
+        bound = 1 / math.sqrt(self.input_dim)
+        nn.init.zeros_(self.u)
+        nn.init.uniform_(self.w, -bound, bound)
+        nn.init.zeros_(self.b)
+
+    def params(self) -> tuple[Tensor, Tensor, Tensor]:
+        return planar_u_hat(self.u, self.w), self.w, self.b
+
+
+class ConditionalPlanar(ConditionalTransformModule):
+    r"""Planar flow whose :math:`u, w, b` are emitted from a context vector.
+
+    ``condition(context)`` with ``context`` of shape ``(*batch, context_dim)`` returns a
+    parameter-free :class:`Planar`-equivalent transform with batched parameters that
+    broadcast against the sample's batch shape.
+
+    Note:
+        Planar has no closed-form inverse. ``log_prob`` still works at any point (safeguarded
+        Newton along :math:`w`; see :class:`Planar`).
+
+    Args:
+        input_dim: Dimension D of the event.
+        context_dim: Dimension of the context vector.
+        hidden_dims: Hidden sizes of the hypernetwork; ``None`` gives ``[10D, 10D]`` and
+            ``[]`` a single linear map from the context (as in the flow papers).
+
+    Example:
+        >>> flow = ConditionalPlanar(3, 5, hidden_dims=[])
+        >>> flow.condition(torch.zeros(5))(torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+    ) -> None:
+        super().__init__()
+        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.context_dim = check_positive_int("context_dim", context_dim)
+        hidden = check_hidden_dims(hidden_dims, [10 * input_dim, 10 * input_dim])
+        self.param_dims = (input_dim, input_dim, 1)
+        self.nn = hypernet(context_dim, hidden, self.param_dims)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity start: the last bias gives ``u = 0``, ``b = 0`` and a random ``w``."""
+        bound = 1 / math.sqrt(self.input_dim)
+        bias = self.nn[-1].bias
+        with torch.no_grad():
+            bias.zero_()
+            bias[self.input_dim : 2 * self.input_dim].uniform_(-bound, bound)
+
+    def condition(self, context: Tensor) -> ParamFlow:
+        check_context(context, self.context_dim)
+        u, w, b = split_params(self.nn(context), self.param_dims)
+        params = (planar_u_hat(u, w), w, b.squeeze(-1))
+        return ParamFlow(_planar, _planar_inverse, params, "Planar")
+
+
+def planar(input_dim: int) -> Planar:
+    """A :class:`Planar` flow on ``input_dim`` dimensions."""
+    return Planar(input_dim)
+
+
+def conditional_planar(
+    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+) -> ConditionalPlanar:
+    """A :class:`ConditionalPlanar` flow; ``hidden_dims=[]`` is a linear hypernetwork."""
+    return ConditionalPlanar(input_dim, context_dim, hidden_dims)

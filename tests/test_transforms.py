@@ -1,0 +1,216 @@
+"""Generic checks run over every registered flow and conditional flow, in float64.
+
+Every test builds the flow, moves all its parameters far from the identity (``randomize_``)
+and checks one property. A new flow joins by adding a registry entry.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pyro.distributions as dist
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
+from tests.conftest import randomize_
+
+D = 4
+C = 3  # context dimension
+BATCH_SHAPES = [(), (7,), (3, 5)]
+CASES = [("flow", n) for n in sorted(FLOWS)] + [
+    ("conditional", n) for n in sorted(CONDITIONAL_FLOWS)
+]
+IDS = [f"{kind}-{name}" for kind, name in CASES]
+
+
+def build(kind: str, name: str, dim: int = D, dtype: torch.dtype = torch.float64):
+    """Return the module (holding the parameters) built from the registry, in ``dtype``."""
+    registry = FLOWS if kind == "flow" else CONDITIONAL_FLOWS
+    args = (dim,) if kind == "flow" else (dim, C)
+    return registry[name](*args).to(dtype)
+
+
+def transform_of(module, kind: str, batch_shape: tuple[int, ...], dtype=torch.float64):
+    """The transform to apply: the module itself, or it conditioned on a batched context."""
+    if kind == "flow":
+        return module
+    return module.condition(torch.randn(*batch_shape, C, dtype=dtype))
+
+
+def base_dist(dim: int, dtype=torch.float64):
+    zero = torch.zeros(dim, dtype=dtype)
+    return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+
+def blockwise_jacobian_ladj(t, x: torch.Tensor) -> torch.Tensor:
+    """log|det| of the per-sample Jacobian blocks of ``t`` at ``x`` via autograd."""
+    batch_shape, dim = x.shape[:-1], x.shape[-1]
+    n = int(torch.tensor(batch_shape).prod()) if batch_shape else 1
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        return t(flat.reshape(x.shape)).reshape(n, dim)
+
+    jac = torch.autograd.functional.jacobian(f, x.reshape(n, dim))  # (n, D, n, D)
+    blocks = jac[torch.arange(n), :, torch.arange(n), :]  # (n, D, D)
+    sign, logabsdet = torch.linalg.slogdet(blocks)
+    return sign.reshape(batch_shape), logabsdet.reshape(batch_shape)
+
+
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_shapes_and_ladj_match_autograd(kind, name, batch_shape):
+    module = randomize_(build(kind, name))
+    t = transform_of(module, kind, batch_shape)
+    x = torch.randn(*batch_shape, D, dtype=torch.float64)
+    y = t(x)
+    assert y.shape == x.shape
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert ladj.shape == batch_shape
+    sign, expected = blockwise_jacobian_ladj(t, x)
+    assert (sign > 0).all(), "Jacobian determinant must be positive (orientation-preserving)"
+    torch.testing.assert_close(ladj, expected, atol=1e-8, rtol=1e-8)
+    # the uncached path (a fresh y) gives the same log-det
+    torch.testing.assert_close(
+        t.log_abs_det_jacobian(x, y.clone()), expected, atol=1e-8, rtol=1e-8
+    )
+
+
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_inverse_round_trip(kind, name, batch_shape):
+    module = randomize_(build(kind, name))
+    t = transform_of(module, kind, batch_shape)
+    x = torch.randn(*batch_shape, D, dtype=torch.float64)
+    y = t(x)
+    x_back = t.inv(y.clone())  # a fresh tensor: no cache hit
+    torch.testing.assert_close(x_back, x, atol=1e-6, rtol=1e-6)
+    inv_ladj = t.inv.log_abs_det_jacobian(y.clone(), x_back)
+    torch.testing.assert_close(inv_ladj, -t.log_abs_det_jacobian(x, y), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_log_prob_of_fresh_tensor_equals_cached(kind, name, batch_shape):
+    module = randomize_(build(kind, name))
+    t = transform_of(module, kind, batch_shape)
+    d = dist.TransformedDistribution(base_dist(D), [t])
+    y = d.rsample(batch_shape)
+    cached = d.log_prob(y)
+    fresh = d.log_prob(y.detach().clone())
+    assert cached.shape == batch_shape
+    torch.testing.assert_close(fresh, cached, atol=1e-8, rtol=1e-6)
+
+
+def test_conditional_context_broadcasts_against_sample_batch():
+    for name in sorted(CONDITIONAL_FLOWS):
+        module = randomize_(build("conditional", name))
+        context = torch.randn(5, 1, C, dtype=torch.float64)  # broadcasts to (5, 3)
+        d = dist.ConditionalTransformedDistribution(base_dist(D), [module]).condition(context)
+        x = torch.randn(5, 3, D, dtype=torch.float64)
+        lp = d.log_prob(x)
+        assert lp.shape == (5, 3)
+        for i in range(3):  # each column equals the log-density with that context alone
+            di = dist.ConditionalTransformedDistribution(base_dist(D), [module])
+            lpi = di.condition(context[:, 0]).log_prob(x[:, i])
+            torch.testing.assert_close(lp[:, i], lpi)
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_density_integrates_to_one_in_2d(kind, name):
+    module = randomize_(build(kind, name, dim=2))
+    t = transform_of(module, kind, ())
+    d = dist.TransformedDistribution(base_dist(2), [t])
+    with torch.no_grad():
+        s = d.sample((20000,))
+        lo = s.min(0).values - 1.5 * s.std(0) - 2.0
+        hi = s.max(0).values + 1.5 * s.std(0) + 2.0
+        n = 1201
+        g0 = torch.linspace(float(lo[0]), float(hi[0]), n, dtype=torch.float64)
+        g1 = torch.linspace(float(lo[1]), float(hi[1]), n, dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(g0, g1, indexing="ij"), -1)
+        dens = d.log_prob(grid).exp()
+        total = torch.trapezoid(torch.trapezoid(dens, g1, dim=1), g0, dim=0)
+    assert abs(float(total) - 1.0) < 1e-3, float(total)
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_every_parameter_gets_a_finite_gradient(kind, name):
+    module = randomize_(build(kind, name))
+    t = transform_of(module, kind, (6,))
+    d = dist.TransformedDistribution(base_dist(D), [t])
+    y = d.rsample((6,))
+    loss = d.log_prob(y).sum() + d.log_prob(torch.randn(6, D, dtype=torch.float64)).sum()
+    loss.backward()
+    for pname, p in module.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+    assert any(p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_state_dict_round_trip(kind, name, tmp_path):
+    module = randomize_(build(kind, name))
+    path = tmp_path / "flow.pt"
+    torch.save(module.state_dict(), path)
+    fresh = build(kind, name)
+    fresh.load_state_dict(torch.load(path))
+    context = torch.randn(5, C, dtype=torch.float64)
+    x = torch.randn(5, D, dtype=torch.float64)
+    lps = []
+    for m in (module, fresh):
+        t = m if kind == "flow" else m.condition(context)
+        lps.append(dist.TransformedDistribution(base_dist(D), [t]).log_prob(x))
+    torch.testing.assert_close(lps[0], lps[1], atol=0, rtol=0)
+    assert [copy.deepcopy(p) is not None for p in fresh.parameters()]
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_starts_near_identity(kind, name):
+    t = transform_of(build(kind, name), kind, (10,))
+    x = torch.randn(10, D, dtype=torch.float64)
+    y = t(x)
+    torch.testing.assert_close(y, x, atol=0.05, rtol=0)
+    assert t.log_abs_det_jacobian(x, y).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_float32_is_finite_far_out(kind, name):
+    module = randomize_(build(kind, name, dtype=torch.float32))
+    t = transform_of(module, kind, (8,), dtype=torch.float32)
+    direction = torch.nn.functional.normalize(torch.randn(8, D), dim=-1)
+    for radius in (1e-3, 1.0, 1e2, 1e3):
+        x = radius * direction
+        y = t(x)
+        assert torch.isfinite(y).all() and torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
+        assert torch.isfinite(t.inv(y.clone())).all()
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+@settings(max_examples=25, deadline=None)
+@given(
+    scale=st.sampled_from([0.0, 1e-8, 1.0, 30.0, 1e3]),
+    zero_mask_seed=st.integers(0, 2**16),
+    x_scale=st.sampled_from([0.0, 1.0, 10.0]),
+)
+def test_invertibility_constraint_holds_for_adversarial_parameters(
+    kind, name, scale, zero_mask_seed, x_scale
+):
+    """Any raw parameters (huge, tiny, some exactly zero) give a positive Jacobian det."""
+    gen = torch.Generator().manual_seed(zero_mask_seed)
+    module = build(kind, name, dim=3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+            if torch.rand((), generator=gen) < 0.3:
+                p.zero_()  # e.g. planar's w = 0
+    t = transform_of(module, kind, (4,))
+    x = x_scale * torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    y = t(x)
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    sign, expected = blockwise_jacobian_ladj(t, x)
+    assert (sign > 0).all()
+    torch.testing.assert_close(ladj, expected, atol=1e-6, rtol=1e-6)
