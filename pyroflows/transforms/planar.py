@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from pyroflows._utils import (
     check_context,
@@ -20,36 +21,56 @@ from pyroflows._utils import (
 from pyroflows.transforms._base import FlowModule, ParamFlow
 
 
-def planar_u_hat(u: Tensor, w: Tensor) -> Tensor:
+def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     r"""Enforce :math:`w^\top \hat u > -1` (Rezende & Mohamed 2015, App. A.1), finitely.
 
     :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2` with
     :math:`m(a) = a` for :math:`a \ge 0` and :math:`m(a) = e^a - 1` below, so
     :math:`w^\top \hat u = m(w^\top u) > -1`. Unlike the paper's
     :math:`m(a) = -1 + \mathrm{softplus}(a)`, the correction vanishes whenever
-    :math:`w^\top u \ge 0` and is :math:`O(\|u\|^2 \|w\|)` otherwise, so :math:`\hat u` stays
-    finite (and equals ``u``) as :math:`w \to 0`, where Pyro's version divides 0 by 0.
+    :math:`w^\top u \ge 0` and is :math:`O(\|u\|^2 \|w\|)` otherwise, so :math:`\hat u`
+    stays finite (and equals ``u``) as :math:`w \to 0`, where Pyro's version divides 0 by 0.
+
+    Returns:
+        ``(u_hat, log1p_c)`` with :math:`\log(1 + w^\top \hat u)` computed exactly
+        (it is :math:`a` itself for :math:`a < 0`), so the log-det never rounds to
+        :math:`\log 0` even when :math:`w^\top \hat u` rounds to :math:`-1`.
     """
     a = (w * u).sum(-1, keepdim=True)  # (*batch, 1)
-    gap = torch.where(a < 0, torch.expm1(a.clamp(max=0)) - a, torch.zeros_like(a))
+    neg = a < 0
+    a_neg = a.clamp(max=0)
+    gap = torch.where(neg, torch.expm1(a_neg) - a_neg, torch.zeros_like(a))
     n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return u + gap / n2 * w
+    log1p_c = torch.where(neg, a_neg, torch.log1p(a.clamp(min=0)))
+    return u + gap / n2 * w, log1p_c.squeeze(-1)
 
 
-def _planar(x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """y = x + û tanh(wᵀx + b) and log|det J| = log(1 + tanh'(wᵀx + b) wᵀû)."""
-    a = torch.tanh((x * w).sum(-1) + b)  # (*batch,)
+def _log_sech2(s: Tensor) -> Tensor:
+    """log(1 − tanh²(s)) = 2 (log 2 − |s| − log(1 + e^{−2|s|})), stable for large |s|."""
+    t = s.abs()
+    return 2 * (math.log(2.0) - t - F.softplus(-2 * t))
+
+
+def _planar(
+    x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, log1p_c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """y = x + û tanh(s), s = wᵀx + b, and log|det J| = log(1 + tanh'(s) wᵀû).
+
+    The log-det is evaluated as log(tanh²(s) + (1 − tanh²(s))(1 + wᵀû)), a sum of
+    non-negative terms, so it stays finite and accurate as wᵀû → −1.
+    """
+    s = (x * w).sum(-1) + b  # (*batch,)
+    a = torch.tanh(s)
     y = x + u_hat * a.unsqueeze(-1)  # (*batch, D)
-    wu = (w * u_hat).sum(-1)  # (*pbatch,)
-    ladj = torch.log1p((1 - a * a) * wu)
+    log_th2 = torch.log((a * a).clamp_min(torch.finfo(a.dtype).tiny))
+    ladj = torch.logaddexp(log_th2, _log_sech2(s) + log1p_c)
     return y, ladj
 
 
-def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> Tensor:
+def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, log1p_c: Tensor) -> Tensor:
     """Invert planar: s = wᵀx + b solves the monotone s + (wᵀû) tanh(s) = wᵀy + b."""
-    c = (w * u_hat).sum(-1)  # (*pbatch,)
     t = (y * w).sum(-1) + b  # (*batch,)
-    c = c.expand_as(t)
+    c = torch.expm1(log1p_c).expand_as(t)  # wᵀû
 
     def fn(s: Tensor) -> tuple[Tensor, Tensor]:
         th = torch.tanh(s)
@@ -103,8 +124,9 @@ class Planar(FlowModule):
         nn.init.uniform_(self.w, -bound, bound)
         nn.init.zeros_(self.b)
 
-    def params(self) -> tuple[Tensor, Tensor, Tensor]:
-        return planar_u_hat(self.u, self.w), self.w, self.b
+    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        u_hat, log1p_c = planar_u_hat(self.u, self.w)
+        return u_hat, self.w, self.b, log1p_c
 
 
 class ConditionalPlanar(ConditionalTransformModule):
@@ -152,7 +174,8 @@ class ConditionalPlanar(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         u, w, b = split_params(self.nn(context), self.param_dims)
-        params = (planar_u_hat(u, w), w, b.squeeze(-1))
+        u_hat, log1p_c = planar_u_hat(u, w)
+        params = (u_hat, w, b.squeeze(-1), log1p_c)
         return ParamFlow(_planar, _planar_inverse, params, "Planar")
 
 
