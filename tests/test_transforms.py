@@ -167,8 +167,16 @@ def test_state_dict_round_trip(kind, name, tmp_path):
     assert [copy.deepcopy(p) is not None for p in fresh.parameters()]
 
 
+# The gated IAF (Kingma et al. 2016) starts, by design, as the contraction y ≈ sigmoid(b)·x
+# with forget bias b: its σ < 1 always, and m_i may not depend on x_i, so no initialisation
+# of its MADE gives the identity. tests/test_iaf.py checks that documented start instead.
+NOT_IDENTITY_AT_INIT = {"iaf-gated"}
+
+
 @pytest.mark.parametrize("kind,name", CASES, ids=IDS)
 def test_starts_near_identity(kind, name):
+    if name in NOT_IDENTITY_AT_INIT:
+        pytest.skip(f"{name} starts as a contraction by design; see tests/test_iaf.py")
     t = transform_of(build(kind, name), kind, (10,))
     x = torch.randn(10, D, dtype=torch.float64)
     y = t(x)

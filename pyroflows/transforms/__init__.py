@@ -13,6 +13,17 @@ from collections.abc import Callable
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 
+from pyroflows.transforms.iaf import (
+    IAF,
+    ConditionalIAF,
+    conditional_gated_iaf,
+    conditional_iaf,
+    conditional_iaf_stack,
+    gated_iaf,
+    iaf,
+    iaf_stack,
+)
+from pyroflows.transforms.made import MADE
 from pyroflows.transforms.planar import (
     ConditionalPlanar,
     Planar,
@@ -31,22 +42,35 @@ from pyroflows.transforms.radial import (
 FLOWS: dict[str, Callable[[int], TransformModule]] = {
     "planar": planar,
     "radial": radial,
+    "iaf": iaf,
+    "iaf-gated": gated_iaf,
 }
 
 CONDITIONAL_FLOWS: dict[str, Callable[[int, int], ConditionalTransformModule]] = {
     "planar": conditional_planar,
     "radial": conditional_radial,
+    "iaf": conditional_iaf,
+    "iaf-gated": conditional_gated_iaf,
 }
 
 __all__ = [
     "CONDITIONAL_FLOWS",
     "FLOWS",
+    "IAF",
+    "MADE",
+    "ConditionalIAF",
     "ConditionalPlanar",
     "ConditionalRadial",
     "Planar",
     "Radial",
+    "conditional_gated_iaf",
+    "conditional_iaf",
+    "conditional_iaf_stack",
     "conditional_planar",
     "conditional_radial",
+    "gated_iaf",
+    "iaf",
+    "iaf_stack",
     "planar",
     "planar_u_hat",
     "radial",

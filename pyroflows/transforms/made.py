@@ -1,0 +1,154 @@
+"""Masked autoencoder for distribution estimation (MADE), the conditioner of IAF."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyroflows._utils import check_positive_int
+
+# per layer: (masked weight (out, in), bias (*batch, out)), the input of made_forward
+MadeLayers = tuple[tuple[Tensor, Tensor], ...]
+
+
+def check_permutation(permutation: Sequence[int] | Tensor | None, input_dim: int) -> Tensor:
+    """Return ``permutation`` as a ``LongTensor`` if it orders ``range(input_dim)``.
+
+    ``None`` means the natural order ``0, 1, ..., D-1``.
+    """
+    if permutation is None:
+        return torch.arange(input_dim)
+    try:
+        perm = torch.as_tensor(permutation)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"permutation must be a sequence of ints; got {permutation!r}") from err
+    ok_dtype = not perm.is_floating_point() and not perm.is_complex() and perm.dtype != torch.bool
+    if not ok_dtype or perm.shape != (input_dim,):
+        raise ValueError(
+            f"permutation must be a permutation of range({input_dim}); got {permutation!r}"
+        )
+    if not torch.equal(perm.sort().values.cpu(), torch.arange(input_dim)):
+        raise ValueError(
+            f"permutation must be a permutation of range({input_dim}); got {permutation!r}"
+        )
+    return perm.long().cpu()
+
+
+def made_masks(
+    permutation: Tensor, hidden_dims: Sequence[int], num_params: int, conditional: bool
+) -> list[Tensor]:
+    """Connectivity masks (Germain et al. 2015, Eq. 12-13) for a MADE in the given order.
+
+    Input ``permutation[r]`` gets degree ``r + 1``; a hidden unit of degree ``k`` sees the
+    inputs of degree ``≤ k``, and an output of degree ``d`` sees hidden units of degree
+    ``< d``, so output ``permutation[r]`` depends only on ``permutation[:r]``. Hidden degrees
+    are spread evenly and deterministically over ``1..D-1``; a conditional MADE also uses
+    degree ``0`` (units that see only the context), so its first output depends on the
+    context nonlinearly. Each mask has shape ``(out, in)``; ``num_params`` copies of the
+    ``D`` outputs are stacked, parameter-major.
+    """
+    input_dim = permutation.numel()
+    deg_in = torch.empty(input_dim, dtype=torch.long)
+    deg_in[permutation] = torch.arange(1, input_dim + 1)
+    lo = 0 if conditional or input_dim == 1 else 1
+    degrees = [deg_in]
+    for width in hidden_dims:  # evenly over lo..D-1; units of degree 0 see no input
+        degrees.append(lo + torch.arange(width) * (input_dim - lo) // width)
+    masks = [
+        (d_out[:, None] >= d_in[None, :])
+        for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
+    ]
+    deg_out = deg_in.repeat(num_params)
+    masks.append(deg_out[:, None] > degrees[-1][None, :])
+    return [m.to(torch.get_default_dtype()) for m in masks]
+
+
+def made_forward(x: Tensor, layers: MadeLayers) -> Tensor:
+    """Apply a MADE given its masked weights and biases: ``(*batch, D) -> (*batch, P·D)``.
+
+    ReLU between layers. A bias with batch dimensions (a conditional MADE's context term)
+    broadcasts against ``x``'s batch shape.
+    """
+    h = x
+    for i, (w, b) in enumerate(layers):
+        h = F.linear(h, w, b) if b.dim() == 1 else F.linear(h, w) + b  # (*batch, out)
+        if i < len(layers) - 1:
+            h = F.relu(h)
+    return h
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask``, plus an unmasked
+    linear map of an optional context vector (the conditional MADE of the IAF paper's VAE).
+    """
+
+    def __init__(self, mask: Tensor, context_dim: int = 0) -> None:
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.mask: Tensor
+        self.register_buffer("mask", mask.clone())
+        self.context = nn.Linear(context_dim, mask.shape[0], bias=False) if context_dim else None
+
+    def weight_bias(self, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The masked weight ``(out, in)`` and the bias ``(*batch, out)`` for ``context``."""
+        bias = self.bias if context is None else self.bias + self.context(context)
+        return self.weight * self.mask, bias
+
+
+class MADE(nn.Module):
+    r"""Masked autoencoder (Germain et al. 2015): output ``i`` depends only on earlier inputs.
+
+    With ``permutation`` :math:`\pi`, every one of the ``num_params`` outputs for variable
+    :math:`\pi_r` depends only on :math:`x_{\pi_0}, \dots, x_{\pi_{r-1}}` (and the context),
+    so the Jacobian of each output block is strictly triangular in that order. With
+    ``context_dim > 0`` the context enters every layer through an unmasked linear map.
+
+    Args:
+        input_dim: Dimension D of the input.
+        hidden_dims: Widths of the hidden layers (ReLU); ``[]`` is a masked linear map.
+        num_params: Number of outputs per input variable, P.
+        context_dim: Dimension of the context vector; ``0`` for none.
+        permutation: Autoregressive order; ``None`` is the natural order.
+
+    Example:
+        >>> made = MADE(3, [8], num_params=2)
+        >>> made(torch.zeros(5, 3)).shape
+        torch.Size([5, 6])
+
+    References:
+        | MADE: Masked Autoencoder for Distribution Estimation (Germain et al., 2015)
+        | https://arxiv.org/abs/1502.03509
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int],
+        num_params: int = 2,
+        context_dim: int = 0,
+        permutation: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.num_params = check_positive_int("num_params", num_params)
+        self.context_dim = context_dim
+        self.permutation: Tensor
+        self.register_buffer("permutation", check_permutation(permutation, input_dim))
+        masks = made_masks(self.permutation, hidden_dims, num_params, context_dim > 0)
+        self.layers = nn.ModuleList(MaskedLinear(m, context_dim) for m in masks)
+
+    def weights(self, context: Tensor | None = None) -> MadeLayers:
+        """Masked weights and (context-shifted) biases of every layer, for :func:`made_forward`.
+
+        With a context of shape ``(*batch, C)`` the biases get shape ``(*batch, H)``: the
+        context is applied once here, not on every pass of an inverse.
+        """
+        return tuple(layer.weight_bias(context) for layer in self.layers)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return made_forward(x, self.weights(context))
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, num_params={self.num_params}"
