@@ -16,10 +16,14 @@ RADIAL = "pyroflows/transforms/radial.py"
 MUTANTS = {  # name -> (file, original text, mutated text); -k selects the family's tests
     "planar: no constraint": (
         PLANAR,
-        "    return u + gap / n2 * w, log1p_c.squeeze(-1)",
-        "    return u, torch.log1p(a.squeeze(-1))",
+        "    return u + (gap / n2) * w, one_plus_c.squeeze(-1)",
+        "    return u, 1 + a.squeeze(-1)",
     ),
-    "planar: ladj + 0.01": (PLANAR, "    return y, ladj\n", "    return y, ladj + 0.01\n"),
+    "planar: ladj + 0.01": (
+        PLANAR,
+        "    return y, torch.log(det)\n",
+        "    return y, torch.log(det) + 0.01\n",
+    ),
     "radial: no constraint": (
         RADIAL,
         "F.softplus(alpha_raw).clamp_min(floor), F.softplus(beta_raw).clamp_min(floor)",

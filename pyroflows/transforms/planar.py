@@ -32,17 +32,16 @@ def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     stays finite (and equals ``u``) as :math:`w \to 0`, where Pyro's version divides 0 by 0.
 
     Returns:
-        ``(u_hat, log1p_c)`` with :math:`\log(1 + w^\top \hat u)` computed exactly
-        (it is :math:`a` itself for :math:`a < 0`), so the log-det never rounds to
-        :math:`\log 0` even when :math:`w^\top \hat u` rounds to :math:`-1`.
+        ``(u_hat, one_plus_c)`` with :math:`1 + w^\top \hat u` computed without
+        cancellation (it is :math:`e^a` for :math:`a < 0`), so the log-det stays accurate
+        even where :math:`w^\top \hat u` itself rounds to :math:`-1`.
     """
     a = (w * u).sum(-1, keepdim=True)  # (*batch, 1)
-    neg = a < 0
     a_neg = a.clamp(max=0)
-    gap = torch.where(neg, torch.expm1(a_neg) - a_neg, torch.zeros_like(a))
+    gap = torch.expm1(a_neg) - a_neg  # m(a) - a; exactly 0 where a >= 0
     n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    log1p_c = torch.where(neg, a_neg, torch.log1p(a.clamp(min=0)))
-    return u + gap / n2 * w, log1p_c.squeeze(-1)
+    one_plus_c = torch.exp(a_neg) + a.clamp(min=0)  # 1 + m(a)
+    return u + (gap / n2) * w, one_plus_c.squeeze(-1)
 
 
 def _log_sech2(s: Tensor) -> Tensor:
@@ -52,25 +51,24 @@ def _log_sech2(s: Tensor) -> Tensor:
 
 
 def _planar(
-    x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, log1p_c: Tensor
+    x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: Tensor
 ) -> tuple[Tensor, Tensor]:
     """y = x + û tanh(s), s = wᵀx + b, and log|det J| = log(1 + tanh'(s) wᵀû).
 
     The log-det is evaluated as log(tanh²(s) + (1 − tanh²(s))(1 + wᵀû)), a sum of
     non-negative terms, so it stays finite and accurate as wᵀû → −1.
     """
-    s = (x * w).sum(-1) + b  # (*batch,)
-    a = torch.tanh(s)
+    a = torch.tanh((x * w).sum(-1) + b)  # (*batch,)
     y = x + u_hat * a.unsqueeze(-1)  # (*batch, D)
-    log_th2 = torch.log((a * a).clamp_min(torch.finfo(a.dtype).tiny))
-    ladj = torch.logaddexp(log_th2, _log_sech2(s) + log1p_c)
-    return y, ladj
+    th2 = a * a
+    det = (th2 + (1 - th2) * one_plus_c).clamp_min(torch.finfo(a.dtype).tiny)
+    return y, torch.log(det)
 
 
-def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, log1p_c: Tensor) -> Tensor:
+def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: Tensor) -> Tensor:
     """Invert planar: s = wᵀx + b solves the monotone s + (wᵀû) tanh(s) = wᵀy + b."""
     t = (y * w).sum(-1) + b  # (*batch,)
-    c = torch.expm1(log1p_c).expand_as(t)  # wᵀû
+    c = (one_plus_c - 1).expand_as(t)  # wᵀû
 
     def fn(s: Tensor) -> tuple[Tensor, Tensor]:
         th = torch.tanh(s)
@@ -125,8 +123,8 @@ class Planar(FlowModule):
         nn.init.zeros_(self.b)
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        u_hat, log1p_c = planar_u_hat(self.u, self.w)
-        return u_hat, self.w, self.b, log1p_c
+        u_hat, one_plus_c = planar_u_hat(self.u, self.w)
+        return u_hat, self.w, self.b, one_plus_c
 
 
 class ConditionalPlanar(ConditionalTransformModule):
@@ -174,8 +172,8 @@ class ConditionalPlanar(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         u, w, b = split_params(self.nn(context), self.param_dims)
-        u_hat, log1p_c = planar_u_hat(u, w)
-        params = (u_hat, w, b.squeeze(-1), log1p_c)
+        u_hat, one_plus_c = planar_u_hat(u, w)
+        params = (u_hat, w, b.squeeze(-1), one_plus_c)
         return ParamFlow(_planar, _planar_inverse, params, "Planar")
 
 

@@ -41,11 +41,11 @@ def _radial(x: Tensor, x0: Tensor, alpha: Tensor, gamma: Tensor) -> tuple[Tensor
     diff = x - x0  # (*batch, D)
     r = diff.norm(dim=-1)  # (*batch,)
     ar = alpha + r  # (*batch,)
-    y = x0 + diff * ((gamma + r) / ar).unsqueeze(-1)
-    d = x.shape[-1]
-    # 1 + βh = (γ + r)/(α + r);  1 + βh + βh'r = (r² + 2αr + αγ)/(α + r)²
-    ladj = (d - 1) * (torch.log(gamma + r) - torch.log(ar))
-    ladj = ladj + torch.log(r * (r + 2 * alpha) + alpha * gamma) - 2 * torch.log(ar)
+    ratio = (gamma + r) / ar  # 1 + βh
+    y = x0 + diff * ratio.unsqueeze(-1)
+    # 1 + βh + βh'r = (r² + 2αr + αγ)/(α + r)²
+    radial_term = (r * (r + 2 * alpha) + alpha * gamma) / (ar * ar)
+    ladj = (x.shape[-1] - 1) * torch.log(ratio) + torch.log(radial_term)
     return y, ladj
 
 
