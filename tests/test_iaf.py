@@ -50,16 +50,19 @@ def test_made_jacobian_is_strictly_triangular_in_its_order(
     made = randomize_(MADE(input_dim, hidden_dims, 2, context_dim, perm).to(F64))
     context = torch.randn(context_dim, dtype=F64) if context_dim else None
     ok = allowed(made.permutation)
-    seen = torch.zeros(2, input_dim, input_dim, dtype=torch.bool)
-    for _ in range(20):  # ReLU kinks: accumulate over points which entries are ever nonzero
+    for _ in range(10):
         x = torch.randn(input_dim, dtype=F64)
         jac = torch.autograd.functional.jacobian(lambda v: made(v, context), x)  # (2D, D)
         jac = jac.reshape(2, input_dim, input_dim)
         assert (jac[:, ~ok] == 0).all(), "an output depends on itself or on a later input"
-        seen |= jac != 0
+    # connectivity: (number of paths from input j to output i) = product of the masks
+    paths = made.layers[0].mask
+    for layer in made.layers[1:]:
+        paths = layer.mask @ paths
+    paths = paths.reshape(2, input_dim, input_dim)
+    assert (paths[:, ~ok] == 0).all()
     if hidden_dims == [] or min(hidden_dims) >= input_dim - 1:
-        # wide enough: every allowed dependency is realised (the masks are not too sparse)
-        assert (seen == ok).all()
+        assert (paths[:, ok] > 0).all(), "wide enough: every allowed dependency has a path"
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["affine", "gated"])
@@ -183,8 +186,8 @@ def test_stack_alternates_orders_and_mixes_all_variables():
     assert (jac != 0).sum() > 10  # no longer triangular: both orders are used
     y = stack(x)
     torch.testing.assert_close(stack.inv(y.clone()), x)
-    ladj = sum(t.log_abs_det_jacobian(t.inv(y), y) for t in [stack])
-    torch.testing.assert_close(ladj, torch.linalg.slogdet(jac).logabsdet)
+    expected = torch.linalg.slogdet(jac).logabsdet
+    torch.testing.assert_close(stack.log_abs_det_jacobian(x, y), expected)
 
 
 def test_conditional_stack_and_context_dependence_of_first_variable():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from pyro.distributions.conditional import (
@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from pyroflows._utils import check_context, check_hidden_dims, check_positive_int
 from pyroflows.transforms._base import FlowModule, ParamFlow
-from pyroflows.transforms.made import MADE, MadeLayers, made_forward
+from pyroflows.transforms.made import MADE, MadeLayers, made_forward, solve_autoregressive
 
 SCALE_MIN = 1e-3
 """Floor of every IAF scale σ: bounds the inverse's amplification and keeps log σ finite."""
@@ -55,24 +55,6 @@ def _gated_iaf(x: Tensor, layers: MadeLayers, forget_bias: float) -> tuple[Tenso
     return m + sigma * (x - m), sigma.log().sum(-1)
 
 
-def _solve(step: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
-    """The fixed point of ``x = step(x)`` for a strictly autoregressive ``step``.
-
-    After pass ``k`` the first ``k`` variables (in the MADE's order) are exact, so ``D``
-    passes always suffice. When no gradient is being recorded the loop also stops at a
-    bitwise fixed point, which by the triangular structure is the same unique answer; with
-    autograd it runs all ``D`` passes, since the unrolled forward substitution is exactly
-    differentiable while a truncated one is not.
-    """
-    x = y
-    for _ in range(y.shape[-1]):
-        x_new = step(x)
-        if not x_new.requires_grad and x_new.shape == x.shape and torch.equal(x_new, x):
-            return x_new
-        x = x_new
-    return x
-
-
 def _affine_iaf_inverse(y: Tensor, layers: MadeLayers, shift: float) -> Tensor:
     """x = (y − μ(x)) / σ(x), solved in at most D sequential MADE passes."""
 
@@ -80,7 +62,7 @@ def _affine_iaf_inverse(y: Tensor, layers: MadeLayers, shift: float) -> Tensor:
         mu, s = _made_split(x, layers)
         return (y - mu) / _affine_scale(s, shift)
 
-    return _solve(step, y)
+    return solve_autoregressive(step, y)
 
 
 def _gated_iaf_inverse(y: Tensor, layers: MadeLayers, forget_bias: float) -> Tensor:
@@ -90,7 +72,7 @@ def _gated_iaf_inverse(y: Tensor, layers: MadeLayers, forget_bias: float) -> Ten
         m, s = _made_split(x, layers)
         return m + (y - m) / _gated_scale(s, forget_bias)
 
-    return _solve(step, y)
+    return solve_autoregressive(step, y)
 
 
 _FNS = {False: (_affine_iaf, _affine_iaf_inverse), True: (_gated_iaf, _gated_iaf_inverse)}
@@ -104,20 +86,6 @@ def _check_gate(gated: bool, forget_bias: float) -> tuple[bool, float]:
     if not math.isfinite(forget_bias):
         raise ValueError(f"forget_bias must be finite; got {forget_bias!r}")
     return gated, float(forget_bias)
-
-
-def _reset_made(made: MADE) -> None:
-    """Default init, then shrink the last layer so μ ≈ 0 and raw s ≈ 0 (σ ≈ 1 if affine)."""
-    for layer in made.layers:
-        layer.reset_parameters()
-        if layer.context is not None:
-            layer.context.reset_parameters()
-    last = made.layers[-1]
-    with torch.no_grad():
-        last.weight.mul_(1e-2)
-        last.bias.zero_()
-        if last.context is not None:
-            last.context.weight.mul_(1e-2)
 
 
 class IAF(FlowModule):
@@ -181,7 +149,7 @@ class IAF(FlowModule):
 
     def reset_parameters(self) -> None:
         """Near-identity start: the MADE's last layer is scaled down, its bias zeroed."""
-        _reset_made(self.made)
+        self.made.reset_parameters()
 
     def params(self) -> tuple[MadeLayers, float]:
         return self.made.weights(), self.forget_bias if self.gated else _AFFINE_SHIFT
@@ -238,7 +206,7 @@ class ConditionalIAF(ConditionalTransformModule):
 
     def reset_parameters(self) -> None:
         """Near-identity start, as :meth:`IAF.reset_parameters`."""
-        _reset_made(self.made)
+        self.made.reset_parameters()
 
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
@@ -248,10 +216,11 @@ class ConditionalIAF(ConditionalTransformModule):
         return ParamFlow(forward, inverse, (self.made.weights(context), bias), name)
 
 
-def _order(input_dim: int, k: int) -> Tensor:
-    """Natural order for even ``k``, reversed for odd ``k``."""
+def _orders(input_dim: int, num_flows: int) -> list[Tensor]:
+    """Natural order for even layers, reversed for odd ones."""
     order = torch.arange(input_dim)
-    return order.flip(0) if k % 2 else order
+    check_positive_int("num_flows", num_flows)
+    return [order.flip(0) if k % 2 else order for k in range(num_flows)]
 
 
 def iaf(input_dim: int, hidden_dims: Sequence[int] | None = None) -> IAF:
@@ -302,12 +271,10 @@ def iaf_stack(
         >>> flow(torch.zeros(4)).shape
         torch.Size([4])
     """
-    check_positive_int("num_flows", num_flows)
+    opts = {"gated": gated, "forget_bias": forget_bias}
+    orders = _orders(input_dim, num_flows)
     return ComposeTransformModule(
-        [
-            IAF(input_dim, hidden_dims, gated=gated, forget_bias=forget_bias, permutation=p)
-            for p in (_order(input_dim, k) for k in range(num_flows))
-        ]
+        [IAF(input_dim, hidden_dims, **opts, permutation=p) for p in orders]
     )
 
 
@@ -328,17 +295,9 @@ def conditional_iaf_stack(
         >>> flow.condition(torch.zeros(2))(torch.zeros(4)).shape
         torch.Size([4])
     """
-    check_positive_int("num_flows", num_flows)
-    return ConditionalComposeTransformModule(
-        [
-            ConditionalIAF(
-                input_dim,
-                context_dim,
-                hidden_dims,
-                gated=gated,
-                forget_bias=forget_bias,
-                permutation=_order(input_dim, k),
-            )
-            for k in range(num_flows)
-        ]
-    )
+    opts = {"gated": gated, "forget_bias": forget_bias}
+    layers = [
+        ConditionalIAF(input_dim, context_dim, hidden_dims, **opts, permutation=p)
+        for p in _orders(input_dim, num_flows)
+    ]
+    return ConditionalComposeTransformModule(layers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,24 @@ def made_forward(x: Tensor, layers: MadeLayers) -> Tensor:
     return h
 
 
+def solve_autoregressive(step: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
+    """The fixed point of ``x = step(x)`` for a strictly autoregressive ``step``.
+
+    After pass ``k`` the first ``k`` variables (in the MADE's order) are exact, so ``D``
+    passes always suffice. When no gradient is being recorded the loop also stops at a
+    bitwise fixed point, which by the triangular structure is the same unique answer; with
+    autograd it runs all ``D`` passes, since the unrolled forward substitution is exactly
+    differentiable while a truncated one is not.
+    """
+    x = y
+    for _ in range(y.shape[-1]):
+        x_new = step(x)
+        if not x_new.requires_grad and x_new.shape == x.shape and torch.equal(x_new, x):
+            return x_new
+        x = x_new
+    return x
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 ``mask``, plus an unmasked
     linear map of an optional context vector (the conditional MADE of the IAF paper's VAE).
@@ -138,6 +156,21 @@ class MADE(nn.Module):
         self.register_buffer("permutation", check_permutation(permutation, input_dim))
         masks = made_masks(self.permutation, hidden_dims, num_params, context_dim > 0)
         self.layers = nn.ModuleList(MaskedLinear(m, context_dim) for m in masks)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init, then the last layer shrunk by 1e-2 and its bias zeroed,
+        so every output starts near 0 (a flow built on it starts near its identity)."""
+        for layer in self.layers:
+            layer.reset_parameters()
+            if layer.context is not None:
+                layer.context.reset_parameters()
+        last = self.layers[-1]
+        with torch.no_grad():
+            last.weight.mul_(1e-2)
+            last.bias.zero_()
+            if last.context is not None:
+                last.context.weight.mul_(1e-2)
 
     def weights(self, context: Tensor | None = None) -> MadeLayers:
         """Masked weights and (context-shifted) biases of every layer, for :func:`made_forward`.
