@@ -84,11 +84,13 @@ def monotone_root(
         f, df = fn(s)
         r = f - target
         scale = 1.0 + target.abs() + s.abs()
-        if bool(((r.abs() <= 4 * tol * scale) | (hi - lo <= 4 * tol * scale)).all()):
+        done = (r.abs() <= 4 * tol * scale) | (hi - lo <= 4 * tol * scale)
+        if bool(done.all()):
             break
         hi = torch.where(r > 0, s, hi)
         lo = torch.where(r > 0, lo, s)
         newton = s - r / df.clamp_min(torch.finfo(s.dtype).tiny)
         ok = (df > 0) & (newton > lo) & (newton < hi)
-        s = torch.where(ok, newton, 0.5 * (lo + hi))
+        # converged entries stay put: their Newton step is not strictly inside the bracket
+        s = torch.where(done, s, torch.where(ok, newton, 0.5 * (lo + hi)))
     return s
