@@ -9,6 +9,7 @@ registry entries below and a docs entry.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
@@ -38,10 +39,20 @@ from pyroflows.transforms.radial import (
     radial,
     radial_alpha_gamma,
 )
+from pyroflows.transforms.sylvester import (
+    ConditionalSylvester,
+    Sylvester,
+    conditional_sylvester,
+    sylvester,
+    sylvester_r,
+)
 
 FLOWS: dict[str, Callable[[int], TransformModule]] = {
     "planar": planar,
     "radial": radial,
+    "sylvester-orthogonal": partial(sylvester, kind="orthogonal"),
+    "sylvester-householder": partial(sylvester, kind="householder"),
+    "sylvester-triangular": partial(sylvester, kind="triangular"),
     "iaf": iaf,
     "iaf-gated": gated_iaf,
 }
@@ -49,6 +60,9 @@ FLOWS: dict[str, Callable[[int], TransformModule]] = {
 CONDITIONAL_FLOWS: dict[str, Callable[[int, int], ConditionalTransformModule]] = {
     "planar": conditional_planar,
     "radial": conditional_radial,
+    "sylvester-orthogonal": partial(conditional_sylvester, kind="orthogonal"),
+    "sylvester-householder": partial(conditional_sylvester, kind="householder"),
+    "sylvester-triangular": partial(conditional_sylvester, kind="triangular"),
     "iaf": conditional_iaf,
     "iaf-gated": conditional_gated_iaf,
 }
@@ -61,13 +75,16 @@ __all__ = [
     "ConditionalIAF",
     "ConditionalPlanar",
     "ConditionalRadial",
+    "ConditionalSylvester",
     "Planar",
     "Radial",
+    "Sylvester",
     "conditional_gated_iaf",
     "conditional_iaf",
     "conditional_iaf_stack",
     "conditional_planar",
     "conditional_radial",
+    "conditional_sylvester",
     "gated_iaf",
     "iaf",
     "iaf_stack",
@@ -75,4 +92,6 @@ __all__ = [
     "planar_u_hat",
     "radial",
     "radial_alpha_gamma",
+    "sylvester",
+    "sylvester_r",
 ]

@@ -1,0 +1,156 @@
+"""Building blocks of Sylvester flows: the three constructions of Q and triangular packing.
+
+All functions are pure and vectorised over leading batch dimensions, and create every
+tensor on the device and in the dtype of their input.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pyroflows._utils import check_positive_int
+
+KINDS = ("orthogonal", "householder", "triangular")
+BJORCK_MAX_ITER = 100
+
+
+def _rescale(a: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Divide by the largest |entry| over ``dims`` (where nonzero), so norms cannot overflow."""
+    amax = a.abs().amax(dim=dims, keepdim=True)
+    return a / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
+    r"""Orthonormalise the columns of ``a`` (``(*batch, D, M)``, M ≤ D) by Björck's iteration.
+
+    :math:`Q \leftarrow Q\,(I + \tfrac12 (I - Q^\top Q))`, started from
+    :math:`a / \|a\|_F` so every singular value lies in :math:`(0, 1]`, converges to the
+    orthonormal polar factor of ``a`` (linearly at rate 3/2 for small singular values, then
+    quadratically). It stops after the step taken when :math:`\|I - Q^\top Q\|_F \le
+    \sqrt{\epsilon}` for every matrix of the batch, which leaves it at rounding level.
+
+    Warns (``RuntimeWarning``) if ``max_iter`` steps do not get there, which only happens
+    when ``a`` is numerically rank-deficient; ``Q`` is then not orthonormal.
+
+    References:
+        | An iterative algorithm for computing the best estimate of an orthogonal matrix
+        | (Björck & Bowie, 1971), https://doi.org/10.1137/0708036
+    """
+    a = _rescale(a, (-2, -1))
+    fro = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
+    q = a / fro[..., None, None]  # (*batch, D, M)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    tol = math.sqrt(torch.finfo(a.dtype).eps)
+    err = math.inf
+    for _ in range(max_iter):
+        e = eye - q.mT @ q  # (*batch, M, M)
+        err = float(torch.linalg.matrix_norm(e.detach()).amax()) if e.numel() else 0.0
+        q = q + 0.5 * (q @ e)
+        if err <= tol:
+            return q
+    warnings.warn(
+        f"Björck orthonormalisation did not converge in {max_iter} iterations "
+        f"(max ||I - QᵀQ||_F = {err:.3g}): the raw Q matrix is numerically rank-deficient, "
+        "so Q is not orthonormal and the Sylvester log-det is wrong.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return q
+
+
+def householder_product(v: Tensor) -> Tensor:
+    r""":math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 \hat v_k \hat v_k^\top`, from ``v``.
+
+    ``v`` is ``(*batch, H, D)``; returns ``(*batch, D, D)``. A zero :math:`v_k` gives
+    :math:`H_k = I` (no division by zero), so :math:`Q` is orthogonal for any input.
+    """
+    v = _rescale(v, (-1,))
+    n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    u = v / torch.where(n > 0, n, torch.ones_like(n))  # unit or zero rows
+    d = v.shape[-1]
+    q = torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], d, d)
+    for k in range(v.shape[-2]):
+        uk = u[..., k, :]  # (*batch, D)
+        q = q - 2 * (q @ uk.unsqueeze(-1)) * uk.unsqueeze(-2)
+    return q
+
+
+def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
+    """The identity, or the reversal permutation if ``permute``, in ``like``'s dtype/device."""
+    eye = torch.eye(input_dim, dtype=like.dtype, device=like.device)
+    return eye.flip(-1) if permute else eye
+
+
+def upper_triangular(off: Tensor, diag: Tensor) -> Tensor:
+    """Upper-triangular ``(*batch, M, M)`` from its strict upper part (row-major) and diagonal.
+
+    ``off`` is ``(*batch, M(M-1)/2)`` and ``diag`` is ``(*batch, M)``.
+    """
+    m = diag.shape[-1]
+    rows, cols = torch.triu_indices(m, m, 1, device=off.device)
+    flat = off.new_zeros(*off.shape[:-1], m * m).index_copy(-1, rows * m + cols, off)
+    return flat.unflatten(-1, (m, m)) + torch.diag_embed(diag)
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How a Sylvester flow builds its ``(D, M)`` matrix Q from raw parameters."""
+
+    kind: str
+    input_dim: int
+    num_columns: int  # M
+    num_householder: int  # H (householder only)
+    permute: bool  # reversal permutation (triangular only)
+
+    @property
+    def q_numel(self) -> int:
+        """Number of raw parameters behind Q."""
+        d = self.input_dim
+        sizes = {"orthogonal": d * self.num_columns, "householder": self.num_householder * d}
+        return sizes.get(self.kind, 0)
+
+    def build(self, raw: Tensor | None, like: Tensor) -> Tensor:
+        """Q ``(*batch, D, M)`` from raw parameters ``(*batch, q_numel)`` (``None``: none)."""
+        d, m = self.input_dim, self.num_columns
+        if raw is None or self.kind == "triangular":
+            return permutation_q(d, self.permute, like)
+        if self.kind == "orthogonal":
+            eye = torch.eye(d, m, dtype=raw.dtype, device=raw.device)
+            return bjorck_orthonormalize(raw.unflatten(-1, (d, m)) + eye)
+        return householder_product(raw.unflatten(-1, (self.num_householder, d)))
+
+    def init_raw_(self, raw: Tensor) -> None:
+        """Random start for the raw Q parameters: ``U(-1/√D, 1/√D)``."""
+        bound = 1 / math.sqrt(self.input_dim)
+        nn.init.uniform_(raw, -bound, bound)
+
+
+def make_q_spec(
+    input_dim: int,
+    kind: str,
+    num_ortho_vecs: int | None,
+    num_householder: int | None,
+    permute: bool,
+) -> QSpec:
+    """Validate the Q options of a Sylvester flow; defaults are M = D and H = D."""
+    d = check_positive_int("input_dim", input_dim)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    if not isinstance(permute, bool):
+        raise TypeError(f"permute must be a bool; got {permute!r}")
+    if permute and kind != "triangular":
+        raise ValueError(f"permute=True only applies to kind='triangular'; got kind={kind!r}")
+    if num_ortho_vecs is not None and kind != "orthogonal":
+        raise ValueError(f"num_ortho_vecs only applies to kind='orthogonal'; got kind={kind!r}")
+    if num_householder is not None and kind != "householder":
+        raise ValueError(f"num_householder only applies to kind='householder'; got kind={kind!r}")
+    m = d if num_ortho_vecs is None else check_positive_int("num_ortho_vecs", num_ortho_vecs)
+    if m > d:
+        raise ValueError(f"num_ortho_vecs must be at most input_dim={d}; got {m}")
+    h = d if num_householder is None else check_positive_int("num_householder", num_householder)
+    return QSpec(kind, d, m, h if kind == "householder" else 0, permute)

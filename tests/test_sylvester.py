@@ -1,0 +1,220 @@
+"""Sylvester-specific checks the generic tests in ``tests/test_transforms.py`` cannot make."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pyro.distributions.transforms import Sylvester as PyroSylvester
+
+from pyroflows.transforms import ConditionalSylvester, Sylvester, conditional_sylvester, sylvester
+from pyroflows.transforms._sylvester_q import bjorck_orthonormalize, householder_product
+from pyroflows.transforms.sylvester import _sylvester
+from tests.conftest import randomize_
+from tests.test_transforms import blockwise_jacobian_ladj
+
+KINDS = ["orthogonal", "householder", "triangular"]
+
+
+def test_pyro_sylvester_log_det_is_wrong_where_ours_matches_autograd():
+    """Pyro 1.9.2 computes y = x + RᵀQᵀ tanh(Q Sᵀ x + b) (its A = QR and B = SQᵀ multiply
+    row vectors from the right), whose Jacobian I + RᵀQᵀ D Q Sᵀ is not triangular in any
+    basis, yet it reports Σ log(1 + h' r_ii s_ii). Ours, y = x + Q R tanh(S Qᵀ x + b) on the
+    very same Q, R, S, b, has exactly that log-det."""
+    torch.manual_seed(1)
+    pyro_flow = PyroSylvester(8, count_transforms=8)  # float32 only: its Q uses a bare eye
+    with torch.no_grad():
+        for p in pyro_flow.parameters():
+            p.normal_()  # N(0, 1) raw parameters
+    x = torch.randn(6, 8)
+    y = pyro_flow(x)
+    pyro_err = pyro_flow.log_abs_det_jacobian(x, y) - blockwise_jacobian_ladj(pyro_flow, x)[1]
+    assert pyro_err.abs().max() > 1.0, pyro_err  # nats off; float32 autograd is good to 1e-5
+
+    with torch.no_grad():  # Pyro's Q = H_1 ⋯ H_8, rebuilt in float64 to be orthogonal there
+        q = householder_product(pyro_flow.u_unnormed.double())
+        torch.testing.assert_close(q.float(), pyro_flow.Q(x), rtol=0, atol=1e-5)
+        r, s, b = (m.double() for m in (pyro_flow.R(), pyro_flow.S(), pyro_flow.b))
+    log1p_c = torch.log1p(r.diagonal() * s.diagonal())
+
+    def ours(z: torch.Tensor) -> torch.Tensor:
+        return _sylvester(z, q, r, s, b, log1p_c)[0]
+
+    x64 = x.double()
+    sign, expected = blockwise_jacobian_ladj(ours, x64)
+    assert (sign > 0).all()
+    torch.testing.assert_close(
+        _sylvester(x64, q, r, s, b, log1p_c)[1], expected, rtol=0, atol=1e-10
+    )
+
+
+def test_bjorck_gives_the_orthonormal_polar_factor(device):
+    a = torch.randn(5, 6, 3, dtype=torch.float64, device=device)
+    q = bjorck_orthonormalize(a)
+    eye = torch.eye(3, dtype=torch.float64, device=device)
+    torch.testing.assert_close(q.mT @ q, eye.expand(5, 3, 3), rtol=0, atol=1e-13)
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(q, u @ vh, rtol=0, atol=1e-12)
+    q32 = bjorck_orthonormalize(a.float() * 1e30)  # no overflow in the normalisation
+    torch.testing.assert_close(q32.mT @ q32, eye.float().expand(5, 3, 3), rtol=0, atol=1e-5)
+
+
+def test_bjorck_warns_when_the_raw_matrix_is_rank_deficient():
+    a = torch.randn(4, 3, dtype=torch.float64)
+    a[:, 2] = a[:, 0]
+    with pytest.warns(RuntimeWarning, match="did not converge in 100 iterations"):
+        bjorck_orthonormalize(a)
+    flow = Sylvester(3, "orthogonal").double()
+    with torch.no_grad():
+        flow.q_raw.copy_(-torch.eye(3, dtype=torch.float64).flatten())  # I + A = 0
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        flow(torch.zeros(3, dtype=torch.float64))
+
+
+def test_orthogonal_converges_without_warnings_at_random_parameters():
+    flow = randomize_(Sylvester(64, "orthogonal"))  # filterwarnings=error: no warning
+    q = flow.params()[0]
+    torch.testing.assert_close(q.mT @ q, torch.eye(64), rtol=0, atol=1e-5)
+    cond = randomize_(ConditionalSylvester(16, 5, "orthogonal", hidden_dims=[]))
+    q = cond.condition(torch.randn(50, 5))._params[0]
+    torch.testing.assert_close(q.mT @ q, torch.eye(16).expand(50, 16, 16), rtol=0, atol=1e-5)
+
+
+def test_householder_product_is_the_product_of_reflections(device):
+    v = torch.randn(3, 4, 5, dtype=torch.float64, device=device)
+    v[0, 1] = 0.0  # an identity reflection
+    v[1, 2] *= 1e-200  # underflows a naive norm
+    v[2, 0] *= 1e200  # overflows a naive norm
+    q = householder_product(v)
+    eye = torch.eye(5, dtype=torch.float64, device=device)
+    for i in range(3):
+        expected = eye
+        for k in range(4):
+            u = v[i, k] / v[i, k].abs().max() if v[i, k].any() else v[i, k]
+            u = u / u.norm() if u.any() else u
+            expected = expected @ (eye - 2 * torch.outer(u, u))
+        torch.testing.assert_close(q[i], expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(q.mT @ q, eye.expand(3, 5, 5), rtol=0, atol=1e-13)
+
+
+def test_triangular_permute_is_the_reversed_flow():
+    """T-SNF with Q = reversal is the Q = I flow applied to the reversed coordinates."""
+    plain = randomize_(Sylvester(5, "triangular").double())
+    rev = Sylvester(5, "triangular", permute=True).double()
+    rev.load_state_dict(plain.state_dict())
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y = rev(x)
+    torch.testing.assert_close(y, plain(x.flip(-1)).flip(-1))
+    torch.testing.assert_close(rev.log_abs_det_jacobian(x, y), plain._forward(x.flip(-1))[1])
+
+
+def test_fewer_columns_leaves_the_orthogonal_complement_unchanged(device):
+    flow = randomize_(Sylvester(5, "orthogonal", num_ortho_vecs=2).double().to(device))
+    x = torch.randn(9, 5, dtype=torch.float64, device=device)
+    y = flow(x)
+    q = flow.params()[0]  # (5, 2)
+    assert q.shape == (5, 2)
+    complement = torch.eye(5, dtype=torch.float64, device=device) - q @ q.mT
+    torch.testing.assert_close((y - x) @ complement, torch.zeros_like(x), rtol=0, atol=1e-12)
+    sign, expected = blockwise_jacobian_ladj(flow, x)
+    assert (sign > 0).all()
+    torch.testing.assert_close(flow.log_abs_det_jacobian(x, y), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(flow.inv(y.clone()), x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_amortized_parameters_are_per_data_point(kind, device):
+    """One conditioned flow over a batch of contexts equals conditioning on each alone."""
+    module = randomize_(ConditionalSylvester(4, 3, kind).double().to(device))
+    context = torch.randn(6, 3, dtype=torch.float64, device=device)
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    t = module.condition(context)
+    y = t(x)
+    ladj = t.log_abs_det_jacobian(x, y)
+    x_back = t.inv(y.clone())
+    for i in range(6):
+        ti = module.condition(context[i])
+        torch.testing.assert_close(y[i], ti(x[i]))
+        torch.testing.assert_close(ladj[i], ti.log_abs_det_jacobian(x[i], ti(x[i])))
+        torch.testing.assert_close(x_back[i], ti.inv(y[i].clone()))
+    if kind != "triangular":  # Q, R, R̃, b all vary with the context
+        assert all(p.shape[0] == 6 for p in t._params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_det_is_exact_for_adversarial_parameters(kind):
+    """At huge, tiny and zero raw parameters, compare with a reference that stays accurate.
+
+    With v = Qᵀx, the flow is v ↦ v + R tanh(R̃ v + b) on span(Q) and the identity off it, so
+    log|det J| is the log-det of that M×M map. Its autograd Jacobian is exactly upper
+    triangular, so its log-det is a sum of logs of computed diagonal entries without the
+    cancellation that ruins ``slogdet`` of the D×D Jacobian when R, R̃ are huge.
+    """
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.0, 1e-8, 1.0, 30.0, 1e3):
+        for trial in range(8):
+            flow = Sylvester(3, kind).double()
+            with torch.no_grad():
+                for p in flow.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+                    if torch.rand((), generator=gen) < 0.3:
+                        p.zero_()
+            x = (trial % 3) * 5 * torch.randn(4, 3, dtype=torch.float64, generator=gen)
+            q, r, rt, b, _ = (p.detach() for p in flow.params())
+            torch.testing.assert_close(q.mT @ q, torch.eye(3, dtype=torch.float64))
+            y = flow(x)
+            ladj = flow.log_abs_det_jacobian(x, y)
+            assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+            for i in range(4):
+                jac = torch.autograd.functional.jacobian(
+                    lambda v, r=r, rt=rt, b=b: v + r @ torch.tanh(rt @ v + b), q.mT @ x[i]
+                )
+                assert (jac.tril(-1) == 0).all()
+                diag = jac.diagonal()
+                assert (diag >= 0).all()
+                if (diag > 1e-6).all():  # rounding in 1 + r h' r̃ is below 1e-10 relative
+                    torch.testing.assert_close(ladj[i], diag.log().sum(), rtol=1e-9, atol=1e-9)
+                else:
+                    assert ladj[i] < -10
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: Sylvester(0), ValueError, "input_dim must be a positive int; got 0"),
+        (lambda: sylvester(3, kind="radial"), ValueError, "kind must be one of"),
+        (lambda: sylvester(3, num_ortho_vecs=4), ValueError, "at most input_dim=3; got 4"),
+        (lambda: sylvester(3, num_ortho_vecs=0), ValueError, "num_ortho_vecs must be a pos"),
+        (
+            lambda: sylvester(3, "householder", num_ortho_vecs=2),
+            ValueError,
+            "num_ortho_vecs only applies to kind='orthogonal'; got kind='householder'",
+        ),
+        (lambda: sylvester(3, num_householder=2), ValueError, "num_householder only applies"),
+        (
+            lambda: sylvester(3, "householder", num_householder=1.5),
+            ValueError,
+            "num_householder must be a positive int; got 1.5",
+        ),
+        (lambda: sylvester(3, "triangular", permute=1), TypeError, "permute must be a bool"),
+        (lambda: sylvester(3, permute=True), ValueError, "permute=True only applies"),
+        (lambda: conditional_sylvester(3, 0), ValueError, "context_dim must be a positive int"),
+        (
+            lambda: conditional_sylvester(3, 2, "triangular", hidden_dims=4),
+            TypeError,
+            "hidden_dims must be a sequence of ints or None; got 4",
+        ),
+        (
+            lambda: conditional_sylvester(3, 2, kind="planar"),
+            ValueError,
+            "kind must be one of",
+        ),
+        (
+            lambda: conditional_sylvester(3, 2).condition(torch.zeros(4, 3)),
+            ValueError,
+            r"context must have shape \(\*batch, 2\); got \(4, 3\)",
+        ),
+    ],
+)
+def test_argument_validation(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
