@@ -4,17 +4,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pyroflows import transforms
+from pyroflows import datasets, transforms
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
+from pyroflows.infer import Trainer, evaluate, log_likelihood
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
+from pyroflows.vae import VAE, FlowEncoder
 
 __all__ = [
     "AutoFlowGuide",
     "CONDITIONAL_FLOWS",
     "FLOWS",
+    "FlowEncoder",
+    "Trainer",
+    "VAE",
     "__version__",
     "compare",
+    "datasets",
+    "evaluate",
+    "log_likelihood",
     "psis",
     "to_inference_data",
     "transforms",

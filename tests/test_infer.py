@@ -1,0 +1,189 @@
+"""ELBO, importance-sampled log-likelihood and the Trainer (warm-up, early stopping, resume)."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyroflows.infer import Trainer, elbo, evaluate, log_likelihood, log_weights
+from pyroflows.vae import VAE
+
+
+class LinearGaussian:
+    """z ~ N(0, I_2), x | z ~ N(W z + b, σ² I_3): p(x) = N(b, W Wᵀ + σ² I) exactly."""
+
+    def __init__(self, shift: float = 0.0, stretch: float = 1.0) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.randn(3, 2, generator=g, dtype=torch.float64)
+        self.b = torch.randn(3, generator=g, dtype=torch.float64)
+        self.sigma = 0.7
+        prec = torch.eye(2, dtype=torch.float64) + self.W.T @ self.W / self.sigma**2
+        self.post_cov = torch.linalg.inv(prec)
+        self.shift, self.stretch = shift, stretch  # guide = exact posterior, perturbed
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def guide(self, x):
+        scale_tril = torch.linalg.cholesky(self.post_cov)
+        mean = (x - self.b) @ self.W @ self.post_cov.T / self.sigma**2
+        mean = mean + self.shift * scale_tril.diagonal()  # shift in posterior std units
+        scale_tril = scale_tril * self.stretch
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(mean, scale_tril=scale_tril))
+
+    def exact(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(3, dtype=torch.float64)
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+
+def test_is_log_likelihood_exact_with_the_true_posterior():
+    m = LinearGaussian()
+    x = torch.randn(4, 3, dtype=torch.float64) * 2
+    ll = log_likelihood(m.model, m.guide, x, num_samples=7, batch_samples=3)
+    torch.testing.assert_close(ll, m.exact(x), atol=1e-10, rtol=0)
+
+
+def test_is_log_likelihood_matches_exact_marginal_with_an_imperfect_guide():
+    m = LinearGaussian(shift=0.5, stretch=1.3)
+    x = torch.randn(4, 3, dtype=torch.float64) * 2
+    ll = log_likelihood(m.model, m.guide, x, num_samples=20000, batch_samples=5000)
+    # delta-method standard error of log p̂: sd(w) / (mean(w) √S), from a fresh batch of weights
+    w = log_weights(m.model, m.guide, x, num_samples=20000).exp()
+    se = w.std(0) / w.mean(0) / math.sqrt(20000)
+    assert (se < 0.01).all()
+    assert ((ll - m.exact(x)).abs() < 5 * se).all()
+    # the ELBO of the imperfect guide is strictly below; IS with S=1 is an ELBO sample
+    pyro.set_rng_seed(0)
+    elbos = torch.stack([elbo(m.model, m.guide, x) for _ in range(200)])
+    assert elbos.mean() < m.exact(x).sum() - 0.1
+
+
+def test_elbo_matches_trace_elbo_loss():
+    vae = VAE((2, 3), latent_dim=3, flow="planar", num_flows=2, hidden_dim=4).double()
+    x = torch.bernoulli(torch.full((5, 6), 0.3, dtype=torch.float64))
+    pyro.set_rng_seed(4)
+    ours = elbo(vae.model, vae.guide, x, 0.5)
+    pyro.set_rng_seed(4)
+    theirs = pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, x, 0.5)
+    assert ours.item() == pytest.approx(-theirs, rel=1e-12)
+    assert ours.requires_grad
+
+
+def test_elbo_rejects_non_reparameterized_guides():
+    def model():
+        pyro.sample("k", dist.Bernoulli(0.5))
+
+    with pytest.raises(ValueError, match="not reparameterizable"):
+        elbo(model, model)
+
+
+def make_trainer(seed_model: int, path=None, **kwargs):
+    torch.manual_seed(seed_model)
+    vae = VAE((4, 5), latent_dim=3, flow="planar", num_flows=2, hidden_dim=8)
+    g = torch.Generator().manual_seed(123)
+    data = torch.bernoulli(torch.full((60, 20), 0.3), generator=g)
+    opts = {"batch_size": 16, "warmup_epochs": 2, "progress": False, "checkpoint_path": path}
+    return Trainer(vae, data[:50], data[50:], **(opts | kwargs))
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    pyro.set_rng_seed(0)
+    straight = make_trainer(0, tmp_path / "a.pt")
+    straight.fit(3)
+
+    pyro.set_rng_seed(0)
+    first = make_trainer(0, tmp_path / "b.pt")
+    first.fit(1)
+    torch.rand(100)  # disturb the global RNG: resuming must restore it
+    pyro.set_rng_seed(99)
+    resumed = make_trainer(7, tmp_path / "b.pt").load(tmp_path / "b.pt")  # fresh weights
+    assert resumed.epoch == 1
+    resumed.fit(3)
+
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["module"].items():
+        assert torch.equal(value, b["module"][key]), key
+    for key, value in straight.module.state_dict().items():  # best-restored modules agree
+        assert torch.equal(value, resumed.module.state_dict()[key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert [h["valid_elbo"] for h in straight.history] == [
+        h["valid_elbo"] for h in resumed.history
+    ]
+
+
+class Shift(nn.Module):
+    """A deterministic 'model' x ~ N(μ, 1): training pulls μ to the train mean (0) and away
+    from the validation mean (5), so the validation ELBO falls every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(torch.full((2,), 5.0))
+
+    def model(self, x, beta=1.0):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.mu, 1.0).to_event(1), obs=x)
+
+    def guide(self, x, beta=1.0):
+        pass
+
+
+def test_early_stopping_restores_the_best_parameters():
+    train = torch.zeros(10, 2)
+    valid = torch.full((10, 2), 5.0)
+    trainer = Trainer(
+        Shift(), train, valid, lr=0.1, batch_size=5, warmup_epochs=0, early_stopping_epochs=2,
+        progress=False,
+    )  # fmt: skip
+    history = trainer.fit(50)
+    assert len(history) == 3 and trainer.stopped
+    valid_elbos = [h["valid_elbo"] for h in history]
+    assert valid_elbos == sorted(valid_elbos, reverse=True)
+    assert trainer.best_elbo == valid_elbos[0]
+    assert evaluate(trainer.module, valid)["elbo"] == pytest.approx(valid_elbos[0])
+
+
+def test_warmup_schedule_and_no_patience_during_warmup():
+    trainer = make_trainer(0, warmup_epochs=4)
+    assert [trainer.beta(e) for e in range(1, 7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert make_trainer(0, warmup_epochs=0).beta(1) == 1.0
+    shift = Trainer(
+        Shift(), torch.zeros(10, 2), torch.full((10, 2), 5.0), lr=0.1, batch_size=5,
+        warmup_epochs=5, early_stopping_epochs=1, progress=False,
+    )  # fmt: skip
+    assert len(shift.fit(50)) == 5  # epochs 2-4 are worse but not counted: still warming up
+
+
+def test_evaluate_reports_elbo_below_log_likelihood():
+    pyro.set_rng_seed(0)
+    vae = VAE((4, 5), latent_dim=3, flow="planar", num_flows=2, hidden_dim=8)
+    x = torch.bernoulli(torch.full((8, 20), 0.3))
+    out = evaluate(vae, x, num_samples=200, batch_samples=64)
+    assert math.isfinite(out["elbo"]) and out["elbo"] < out["log_likelihood"] < 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"lr": 0.0}, ValueError, "lr must be a positive float"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ({"warmup_epochs": -1}, ValueError, "warmup_epochs must be a non-negative int"),
+        ({"optimizer": "sgd"}, ValueError, "optimizer must be 'adamax' or 'adam'"),
+        ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be a positive int"),
+    ],
+)
+def test_trainer_argument_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        make_trainer(0, **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        Trainer(nn.Linear(2, 2), torch.zeros(3, 2))
