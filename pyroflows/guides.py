@@ -215,17 +215,20 @@ class AutoFlowGuide(AutoContinuous):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         try:
-            super()._setup_prototype(*args, **kwargs)
-        except (ValueError, RuntimeError):  # Pyro's less specific errors; ours first
-            trace, self.prototype_trace = self.prototype_trace, None
-            if trace is not None:
-                _check_sites(trace)
-            raise
-        try:
+            try:
+                super()._setup_prototype(*args, **kwargs)
+            except (ValueError, RuntimeError):  # Pyro's less specific errors: ours first
+                if self.prototype_trace is not None:
+                    _check_sites(self.prototype_trace)
+                raise
             _check_sites(self.prototype_trace)
-        except ValueError:
-            self.prototype_trace = None
+            self._create_parameters()
+        except Exception:
+            self.prototype_trace = None  # a later call runs the whole setup again
             raise
+
+    def _create_parameters(self) -> None:
+        """Base location, scale (and Cholesky factor) and flows, on the model's device/dtype."""
         loc = self._init_loc().detach()
         self.loc = nn.Parameter(loc)
         self.scale = PyroParam(torch.full_like(loc, self._init_scale), self.scale_constraint)
@@ -244,7 +247,8 @@ class AutoFlowGuide(AutoContinuous):
                     f"flow {self.flow!r} must return a torch Transform (e.g. a Pyro "
                     f"TransformModule); got {type(layer).__name__}"
                 )
-            permute = self.flow in PERMUTED_FLOWS or getattr(layer, "autoregressive", False)
+            named = isinstance(self.flow, str) and self.flow in PERMUTED_FLOWS
+            permute = named or getattr(layer, "autoregressive", False)
             if i > 0 and permute:
                 parts.append(Reverse())
             parts.append(layer)
@@ -263,7 +267,7 @@ class AutoFlowGuide(AutoContinuous):
         return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
-        """The flows followed by the learnable affine map :math:`\\mu + L\\,\\cdot`."""
+        r"""The flows followed by the learnable affine map :math:`\mu + L\,\cdot`."""
         return dist.transforms.ComposeTransform([self.flows, self._affine()])
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:

@@ -355,8 +355,16 @@ def test_bad_input_raises_helpful_error(build, error, match):
         build()
 
 
-def test_failed_setup_can_be_retried():
-    guide = AutoFlowGuide(discrete_model, flow="planar")
-    for _ in range(2):  # the prototype is not left half-built
-        with pytest.raises(ValueError, match="discrete latent site"):
-            guide()
+@pytest.mark.parametrize(
+    "model,flow,match",
+    [
+        (discrete_model, "planar", "discrete latent site"),
+        (conjugate_model, not_a_transform, "must return a torch Transform"),
+    ],
+    ids=["discrete-site", "bad-flow-factory"],
+)
+def test_failed_setup_can_be_retried(model, flow, match):
+    guide = AutoFlowGuide(model, flow=flow)
+    for _ in range(2):  # the prototype is not left half-built: the second call fails the same
+        with pytest.raises((ValueError, TypeError), match=match):
+            guide(YBAR) if model is conjugate_model else guide()
