@@ -106,8 +106,9 @@ class Comparison:
                 f"params must be a non-empty subset of {list(self.params)}; got {names!r}"
             )
         k = len(names)
-        fig = Figure(figsize=(2.2 * k + 1, 2.2 * k), layout="constrained")
+        fig = Figure(figsize=(2.2 * k + 1, 2.2 * k))
         axes = np.asarray(fig.subplots(k, k, squeeze=False))
+        fig.subplots_adjust(left=0.12, bottom=0.1, right=0.8, top=0.95, wspace=0.3, hspace=0.3)
         rng = np.random.default_rng(0)
         sets = [(self.reference, "0.55", self.labels[1]), (self.approx, "C1", self.labels[0])]
         for i, j in np.ndindex(k, k):
@@ -125,7 +126,7 @@ class Comparison:
             ax.set_xlabel(names[j] if i == k - 1 else "")
             ax.set_ylabel(names[i] if j == 0 and i > 0 else "")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside upper right")
+        fig.legend(handles, labels, loc="upper right")
         return fig
 
     def _worst_params(self, max_params: int) -> list[str]:

@@ -1,0 +1,385 @@
+"""Posterior quality of Pyro's autoguides and AutoFlowGuide on the posteriordb posteriors.
+
+Every posterior in the posteriordb folder (Pyro models and 10,000 reference draws from long
+Stan runs; see its README) is fitted by every guide with the same number of Adam steps, then
+judged by PSIS k-hat (``pyroflows.diagnostics.psis``) and by the worst error of a marginal
+mean and sd in reference-sd units (``pyroflows.diagnostics.compare``). NUTS runs once per
+posterior; its time to reach each guide's accuracy is read off prefixes of its chain.
+
+Training: Adam on a K-particle reparameterised ELBO. The guide draws K particles under a
+batch plate and the model's log-density is ``torch.func.vmap``-ed over them (the posteriordb
+models are written for one draw); the learning rate decays 10x over the steps.
+
+    OMP_NUM_THREADS=1 python benchmarks/posteriordb.py             # full run, ~25 min
+    python benchmarks/posteriordb.py --posteriors eight_schools-eight_schools_centered \\
+        --guides AutoNormal flow-iaf --num-steps 200 --output /tmp/pdb.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+
+from pyroflows.diagnostics import compare, psis, to_inference_data
+from pyroflows.guides import AutoFlowGuide
+from pyroflows.transforms import FLOWS
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW_LAYERS = {"planar": 8, "radial": 8}
+# run only with --guides: two more Sylvester variants (householder represents the family)
+OPTIONAL_GUIDES = (
+    "flow-sylvester-orthogonal",
+    "flow-sylvester-triangular",
+)  # one planar/radial layer is weak; others use 4
+
+
+def guide_factories(num_flows: int) -> dict[str, Callable]:
+    guides: dict[str, Callable] = {
+        "AutoNormal": lambda m: AutoNormal(m, init_scale=0.1),
+        "AutoMultivariateNormal": lambda m: AutoMultivariateNormal(m, init_scale=0.1),
+        "AutoIAFNormal": lambda m: AutoIAFNormal(m, num_transforms=2),
+    }
+    for flow in FLOWS:
+        k = FLOW_LAYERS.get(flow, num_flows)
+        guides[f"flow-{flow}"] = lambda m, f=flow, k=k: AutoFlowGuide(m, flow=f, num_flows=k)
+    return guides
+
+
+def load_posteriordb(path: Path):
+    spec = importlib.util.spec_from_file_location("posteriordb_models", path / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- training
+def elbo_loss(model: Callable, guide: Callable, data: dict, particles: int) -> Callable:
+    """Negative K-particle ELBO: guide under a batch plate, model log p vmap-ed over draws."""
+    guide_tr = poutine.trace(guide).get_trace(**data)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(**data)
+    latents = {
+        name: site["value"].shape
+        for name, site in model_tr.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    nesting = max(
+        [
+            -f.dim
+            for tr in (guide_tr, model_tr)
+            for s in tr.nodes.values()
+            if s["type"] == "sample"
+            for f in s["cond_indep_stack"]
+            if f.vectorized
+        ],
+        default=0,
+    )
+
+    def log_p(z: dict) -> torch.Tensor:
+        return poutine.trace(poutine.condition(model, data=z)).get_trace(**data).log_prob_sum()
+
+    def loss() -> torch.Tensor:
+        with pyro.plate("_particles", particles, dim=-nesting - 1):
+            tr = poutine.trace(guide).get_trace(**data)
+        tr.compute_log_prob()
+        log_q = torch.zeros(particles, dtype=torch.float64)
+        for site in tr.nodes.values():
+            if site["type"] == "sample":
+                lp = site["log_prob"]
+                log_q = log_q + (lp.reshape(particles, -1).sum(-1) if lp.dim() else lp)
+        z = {n: tr.nodes[n]["value"].reshape(particles, *shape) for n, shape in latents.items()}
+        with pyro.validation_enabled(False):
+            lp = torch.func.vmap(log_p)(z)
+        return (log_q - lp).mean()
+
+    return loss
+
+
+def fit(guide, loss: Callable, steps: int, lr: float) -> float:
+    """Adam for ``steps`` steps, lr decaying 10x; returns the wall time in seconds."""
+    loss()  # creates the parameters of lazy autoguides
+    opt = torch.optim.Adam(guide.parameters(), lr=lr)
+    start, skipped = time.perf_counter(), 0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.1 ** (step / steps)
+        opt.zero_grad()
+        value = loss()
+        if torch.isfinite(value):
+            value.backward()
+            opt.step()
+        else:
+            skipped += 1
+    if skipped:
+        print(f"    skipped {skipped} non-finite steps", flush=True)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- NUTS
+class Budget(Exception):
+    pass
+
+
+def run_nuts(model, data, warmup: int, samples: int, seconds: float, seed: int) -> dict:
+    """One NUTS chain, stopped after ``seconds``; per-draw constrained values and times."""
+    pyro.set_rng_seed(seed)
+    draws: dict[str, list] = {}
+    times: list[float] = []
+    start = time.perf_counter()
+    state = {"warmup_end": None}
+
+    def hook(kernel, params, stage, i):
+        now = time.perf_counter() - start
+        if stage.startswith("Sample"):
+            state["warmup_end"] = state["warmup_end"] or now
+            for name, z in params.items():
+                t = kernel.transforms.get(name)
+                draws.setdefault(name, []).append((t.inv(z) if t is not None else z).detach())
+            times.append(now)
+        if now > seconds:
+            raise Budget
+
+    kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=True)
+    mcmc = MCMC(
+        kernel, num_samples=samples, warmup_steps=warmup, hook_fn=hook, disable_progbar=True
+    )
+    try:
+        mcmc.run(**data)
+    except Budget:
+        pass
+    values = {k: torch.stack(v).numpy() for k, v in draws.items()}
+    divergences = sum(1 for i in getattr(kernel, "_divergences", []) if i >= 0)
+    return {
+        "draws": values,
+        "times": np.array(times),
+        "warmup_end": state["warmup_end"],
+        "elapsed": time.perf_counter() - start,
+        "divergences": divergences,
+    }
+
+
+def nuts_prefix_errors(nuts: dict, model, data, reference: dict, names: list) -> list:
+    """(draws, seconds, worst mean error, worst sd error) for growing prefixes of the chain."""
+    full = with_deterministic(model, data, nuts["draws"])
+    n, k, out = len(nuts["times"]), 25, []
+    while k <= n:
+        c = compare({s: v[:k] for s, v in full.items()}, reference, var_names=names)
+        out.append((k, nuts["times"][k - 1], c.worst_mean_error, c.worst_sd_error))
+        k = n if k < n < 2 * k else 2 * k
+    return out
+
+
+def with_deterministic(model, data, draws: dict) -> dict:
+    """Add the model's ``pyro.deterministic`` sites to latent draws (vmap over the draws)."""
+
+    def replay(z: dict) -> dict:
+        tr = poutine.trace(poutine.condition(model, data=z)).get_trace(**data)
+        return {
+            name: site["value"]
+            for name, site in tr.nodes.items()
+            if site["type"] == "sample" and site["infer"].get("_deterministic")
+        }
+
+    with torch.no_grad(), pyro.validation_enabled(False):
+        extra = torch.func.vmap(replay)({k: torch.as_tensor(v) for k, v in draws.items()})
+    return {**draws, **{k: v.numpy() for k, v in extra.items()}}
+
+
+def nuts_time_to_match(prefixes: list, mean_err: float, sd_err: float) -> str:
+    """First prefix from which NUTS stays at least as accurate as the guide on both errors."""
+    ok = [m <= mean_err and s <= sd_err for _, _, m, s in prefixes]
+    for i in range(len(ok)):
+        if all(ok[i:]):
+            return f"{prefixes[i][1]:.1f} s ({prefixes[i][0]} draws)"
+    last = prefixes[-1] if prefixes else None
+    return f"not within {last[1]:.0f} s" if last else "no draws"
+
+
+# ----------------------------------------------------------------------------- main
+def evaluate(name: str, pdb, args, guides: dict) -> dict:
+    model, load = pdb.POSTERIORS[name]
+    data = load()
+    reference = {k: v.numpy() for k, v in pdb.load_reference(name).items()}
+    names = list(pdb.REFERENCE_SITES[name])
+    rows = []
+    for label, make in guides.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        guide = make(model)
+        try:
+            steps = args.steps_override.get(name, args.num_steps)
+            seconds = fit(guide, elbo_loss(model, guide, data, args.particles), steps, args.lr)
+            idata = to_inference_data(guide, model, num_samples=args.num_draws, **data)
+            res = psis(idata)
+            c = compare(idata, reference, var_names=names)
+            row = dict(
+                guide=label,
+                steps=steps,
+                seconds=seconds,
+                khat=res.khat,
+                mean=c.worst_mean_error,
+                sd=c.worst_sd_error,
+                w1=c.worst_wasserstein,
+            )
+        except Exception as err:  # report and go on: one broken fit must not sink the run
+            row = dict(guide=label, error=f"{type(err).__name__}: {str(err)[:80]}")
+        rows.append(row)
+        print(f"  {name} {row}", flush=True)
+    nuts = None
+    if args.nuts_seconds > 0 and name not in args.nuts_skip:
+        run = run_nuts(
+            model, data, args.nuts_warmup, args.nuts_samples, args.nuts_seconds, args.seed
+        )
+        prefixes = (
+            nuts_prefix_errors(run, model, data, reference, names) if len(run["times"]) else []
+        )
+        nuts = dict(run=run, prefixes=prefixes)
+        print(f"  {name} NUTS {prefixes[-1] if prefixes else 'no draws'}", flush=True)
+    return dict(name=name, rows=rows, nuts=nuts)
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(results: list, args, total: float) -> str:
+    lines = [
+        "# posteriordb: guide quality versus reference draws",
+        "",
+        "Generated by `benchmarks/posteriordb.py`; do not edit by hand. Command:",
+        "",
+        "    OMP_NUM_THREADS=1 python benchmarks/posteriordb.py " + " ".join(sys.argv[1:]),
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} thread(s); "
+        f"total wall time {total / 60:.1f} min. Every guide: Adam, {args.particles}-particle "
+        f"ELBO, lr {args.lr} decaying 10x over {args.num_steps} steps (overrides: "
+        f"{args.steps_override or 'none'}); AutoFlowGuide with {args.num_flows} layers "
+        f"(planar and radial {FLOW_LAYERS['planar']}); AutoIAFNormal with 2. "
+        f"Guides: {', '.join(args.guides)}. "
+        f"k-hat from {args.num_draws} guide draws (`psis`); errors against the 10,000 "
+        "reference draws over the posteriordb parameters (`compare`): worst |mean error| "
+        "and worst |sd error| in reference-sd units, worst 1-D Wasserstein distance / sd. "
+        "k-hat: < 0.5 good, < 0.7 usable, >= 0.7 unreliable.",
+        "",
+        f"NUTS: one Pyro NUTS chain (JIT-compiled, {args.nuts_warmup} warmup + up to "
+        f"{args.nuts_samples} draws, stopped after {args.nuts_seconds:g} s). "
+        "*NUTS to match* is the wall time "
+        "(warmup included) after which NUTS's worst mean and sd errors stay at or below the "
+        "guide's, checked at 25, 50, 100, ... draws. "
+        f"NUTS skipped for: {', '.join(args.nuts_skip) or 'none'}.",
+        "",
+        "Timings come from a shared 2-core machine and are noisy; compare within a table.",
+        "",
+    ]
+    for res in results:
+        lines += [
+            f"## {res['name']}",
+            "",
+            "| guide | steps | wall s | k-hat | worst mean err | worst sd err | worst W1 "
+            "| NUTS to match |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        prefixes = res["nuts"]["prefixes"] if res["nuts"] else []
+        for r in res["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['guide']} | failed: {r['error']} |||||||")
+                continue
+            match = nuts_time_to_match(prefixes, r["mean"], r["sd"]) if prefixes else "-"
+            lines.append(
+                f"| {r['guide']} | {r['steps']} | {r['seconds']:.1f} | "
+                f"{fmt(r['khat'])} | {fmt(r['mean'])} | {fmt(r['sd'])} | "
+                f"{fmt(r['w1'])} | {match} |"
+            )
+        if res["nuts"] and prefixes:
+            run = res["nuts"]["run"]
+            k, t, m, s = prefixes[-1]
+            lines.append(
+                f"| NUTS ({k} draws) | - | {t:.1f} | - | {fmt(m)} | {fmt(s)} | - | "
+                f"warmup {fmt(run['warmup_end'], 1)} s |"
+            )
+        lines += ["", summary_line(res), ""]
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(res: dict) -> str:
+    ok = [r for r in res["rows"] if "error" not in r]
+    flows = [r for r in ok if r["guide"].startswith("flow-")]
+    base = {r["guide"]: r for r in ok}
+    if not flows or "AutoNormal" not in base:
+        return "Summary: not enough successful fits to compare."
+    best = min(flows, key=lambda r: r["sd"])
+    parts = [f"Best AutoFlowGuide by worst sd error: {best['guide']} ({fmt(best['sd'])})"]
+    for other in ("AutoNormal", "AutoMultivariateNormal"):
+        if other in base:
+            verdict = "better than" if best["sd"] < base[other]["sd"] else "NOT better than"
+            parts.append(f"{verdict} {other} ({fmt(base[other]['sd'])})")
+    return "Summary: " + "; ".join(parts) + "."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--posteriordb", type=Path, default=REPO / ".." / "shared" / "posteriordb")
+    p.add_argument("--output", type=Path, default=REPO / "benchmarks/results/posteriordb.md")
+    p.add_argument("--posteriors", nargs="*", default=None, help="default: all")
+    p.add_argument("--guides", nargs="*", default=None, help="default: all")
+    p.add_argument("--num-steps", type=int, default=800, help="Adam steps per guide")
+    p.add_argument(
+        "--steps-override",
+        nargs="*",
+        default=["garch-garch11=300"],
+        help="NAME=STEPS for posteriors whose model is slow (garch: a 200-step Python loop)",
+    )
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--num-flows", type=int, default=4)
+    p.add_argument("--num-draws", type=int, default=4000)
+    p.add_argument("--nuts-warmup", type=int, default=200)
+    p.add_argument("--nuts-samples", type=int, default=800)
+    p.add_argument("--nuts-seconds", type=float, default=45.0, help="0 skips NUTS")
+    p.add_argument(
+        "--nuts-skip",
+        nargs="*",
+        default=["garch-garch11"],
+        help="posteriors without NUTS (garch: ~0.7 s per NUTS iteration in Pyro here)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.steps_override = {k: int(v) for k, v in (x.split("=") for x in args.steps_override)}
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_default_dtype(torch.float64)
+    pdb = load_posteriordb(args.posteriordb.resolve())
+    guides = guide_factories(args.num_flows)
+    args.guides = args.guides or [g for g in guides if g not in OPTIONAL_GUIDES]
+    if args.guides:
+        unknown = set(args.guides) - set(guides)
+        if unknown:
+            raise SystemExit(f"unknown guides {sorted(unknown)}; choose from {list(guides)}")
+        guides = {k: v for k, v in guides.items() if k in args.guides}
+    names = args.posteriors or list(pdb.POSTERIORS)
+    start, results = time.perf_counter(), []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"{name}", flush=True)
+        results.append(evaluate(name, pdb, args, guides))
+        args.output.write_text(markdown(results, args, time.perf_counter() - start))
+    print(f"wrote {args.output} in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main(parse_args())
