@@ -25,14 +25,24 @@ def _rescale(a: Tensor, dims: tuple[int, ...]) -> Tensor:
     return a / torch.where(amax > 0, amax, torch.ones_like(amax))
 
 
+def _warn_not_converged(max_iter: int, err: float) -> None:
+    warnings.warn(
+        f"Björck orthonormalisation did not converge in {max_iter} iterations "
+        f"(max ||I - QᵀQ||_F = {err:.3g}): the raw Q matrix is numerically rank-deficient, "
+        "so Q is not orthonormal and the Sylvester log-det is wrong.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
     r"""Orthonormalise the columns of ``a`` (``(*batch, D, M)``, M ≤ D) by Björck's iteration.
 
     :math:`Q \leftarrow Q\,(I + \tfrac12 (I - Q^\top Q))`, started from
     :math:`a / \|a\|_F` so every singular value lies in :math:`(0, 1]`, converges to the
     orthonormal polar factor of ``a`` (linearly at rate 3/2 for small singular values, then
-    quadratically). It stops after the step taken when :math:`\|I - Q^\top Q\|_F \le
-    \sqrt{\epsilon}` for every matrix of the batch, which leaves it at rounding level.
+    quadratically). Each matrix of the batch stops after the step taken when
+    :math:`\|I - Q^\top Q\|_F \le \sqrt{\epsilon}`, which leaves it at rounding level.
 
     Warns (``RuntimeWarning``) if ``max_iter`` steps do not get there, which only happens
     when ``a`` is numerically rank-deficient; ``Q`` is then not orthonormal.
@@ -41,43 +51,51 @@ def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
         | An iterative algorithm for computing the best estimate of an orthogonal matrix
         | (Björck & Bowie, 1971), https://doi.org/10.1137/0708036
     """
-    a = _rescale(a, (-2, -1))
+    shape = a.shape
+    a = _rescale(a, (-2, -1)).reshape(-1, *shape[-2:])  # (n, D, M)
+    if a.shape[0] == 0:
+        return a.reshape(shape)
     fro = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
-    q = a / fro[..., None, None]  # (*batch, D, M)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    q = a / fro[:, None, None]
+    eye = torch.eye(shape[-1], dtype=a.dtype, device=a.device)
     tol = math.sqrt(torch.finfo(a.dtype).eps)
-    err = math.inf
+    active = torch.arange(q.shape[0], device=a.device)
+    done: list[tuple[Tensor, Tensor]] = []  # (indices, converged Q's)
     for _ in range(max_iter):
-        e = eye - q.mT @ q  # (*batch, M, M)
-        err = float(torch.linalg.matrix_norm(e.detach()).amax()) if e.numel() else 0.0
+        e = eye - q.mT @ q  # (n_active, M, M)
+        conv = torch.linalg.matrix_norm(e.detach()) <= tol
         q = q + 0.5 * (q @ e)
-        if err <= tol:
-            return q
-    warnings.warn(
-        f"Björck orthonormalisation did not converge in {max_iter} iterations "
-        f"(max ||I - QᵀQ||_F = {err:.3g}): the raw Q matrix is numerically rank-deficient, "
-        "so Q is not orthonormal and the Sylvester log-det is wrong.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return q
+        if bool(conv.any()):  # converged matrices leave the batch after this final step
+            done.append((active[conv], q[conv]))
+            active, q = active[~conv], q[~conv]
+        if active.numel() == 0:
+            break
+    else:
+        err = float(torch.linalg.matrix_norm(eye - q.detach().mT @ q.detach()).amax())
+        _warn_not_converged(max_iter, err)
+        done.append((active, q))
+    idx, qs = (torch.cat(t) for t in zip(*done, strict=True))
+    return a.new_zeros(a.shape).index_copy(0, idx, qs).reshape(shape)
 
 
 def householder_product(v: Tensor) -> Tensor:
     r""":math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 \hat v_k \hat v_k^\top`, from ``v``.
 
-    ``v`` is ``(*batch, H, D)``; returns ``(*batch, D, D)``. A zero :math:`v_k` gives
-    :math:`H_k = I` (no division by zero), so :math:`Q` is orthogonal for any input.
+    ``v`` is ``(*batch, H, D)``; returns ``(*batch, D, D)``. Formed in compact WY form,
+    :math:`Q = I - U T U^\top` with :math:`U = [\hat v_1, \dots, \hat v_H]` and
+    :math:`T^{-1} = \tfrac12 I + \mathrm{striu}(U^\top U)` (Schreiber & Van Loan 1989;
+    Joffrain et al. 2006), so it costs three batched matrix products rather than H
+    sequential rank-one updates. A zero :math:`v_k` gives :math:`H_k = I` (no division by
+    zero), so :math:`Q` is orthogonal for any input.
     """
     v = _rescale(v, (-1,))
     n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    u = v / torch.where(n > 0, n, torch.ones_like(n))  # unit or zero rows
-    d = v.shape[-1]
-    q = torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], d, d)
-    for k in range(v.shape[-2]):
-        uk = u[..., k, :]  # (*batch, D)
-        q = q - 2 * (q @ uk.unsqueeze(-1)) * uk.unsqueeze(-2)
-    return q
+    u = v / torch.where(n > 0, n, torch.ones_like(n))  # (*batch, H, D), unit or zero rows
+    h, d = u.shape[-2:]
+    eye_h = torch.eye(h, dtype=v.dtype, device=v.device)
+    t_inv = (u @ u.mT).triu(1) + 0.5 * eye_h  # (*batch, H, H)
+    w = torch.linalg.solve_triangular(t_inv, u, upper=True)  # T Uᵀ: (*batch, H, D)
+    return torch.eye(d, dtype=v.dtype, device=v.device) - u.mT @ w
 
 
 def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
