@@ -45,8 +45,8 @@ def base_dist(dim: int, dtype=torch.float64):
     return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
 
 
-def blockwise_jacobian_ladj(t, x: torch.Tensor) -> torch.Tensor:
-    """log|det| of the per-sample Jacobian blocks of ``t`` at ``x`` via autograd."""
+def jacobian_blocks(t, x: torch.Tensor) -> torch.Tensor:
+    """The per-sample Jacobians of ``t`` at ``x`` via autograd, shape ``(*batch, D, D)``."""
     batch_shape, dim = x.shape[:-1], x.shape[-1]
     n = int(torch.tensor(batch_shape).prod()) if batch_shape else 1
 
@@ -54,9 +54,12 @@ def blockwise_jacobian_ladj(t, x: torch.Tensor) -> torch.Tensor:
         return t(flat.reshape(x.shape)).reshape(n, dim)
 
     jac = torch.autograd.functional.jacobian(f, x.reshape(n, dim))  # (n, D, n, D)
-    blocks = jac[torch.arange(n), :, torch.arange(n), :]  # (n, D, D)
-    sign, logabsdet = torch.linalg.slogdet(blocks)
-    return sign.reshape(batch_shape), logabsdet.reshape(batch_shape)
+    return jac[torch.arange(n), :, torch.arange(n), :].reshape(*batch_shape, dim, dim)
+
+
+def blockwise_jacobian_ladj(t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign, log|det|) of the per-sample autograd Jacobians of ``t`` at ``x``."""
+    return torch.linalg.slogdet(jacobian_blocks(t, x))
 
 
 @pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
@@ -219,10 +222,12 @@ def test_invertibility_constraint_holds_for_adversarial_parameters(
     y = t(x)
     ladj = t.log_abs_det_jacobian(x, y)
     assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
-    sign, expected = blockwise_jacobian_ladj(t, x)
-    # where det J is below ~1e-9 autograd's slogdet has lost its digits; ours has not
-    ok = expected > -20
-    assert (sign[ok] > 0).all()
-    torch.testing.assert_close(
-        ladj[ok & (expected > -10)], expected[ok & (expected > -10)], atol=1e-6, rtol=1e-6
-    )
+    blocks = jacobian_blocks(t, x)
+    sign, expected = torch.linalg.slogdet(blocks)
+    # slogdet of the autograd Jacobian has relative error ~ eps * cond(J): compare only where
+    # it is reliable (ours stays exact where it is not, see the flow-specific tests)
+    cond = torch.linalg.cond(blocks)
+    reliable = (expected > -20) & (cond < 1e10)
+    assert (sign[reliable] > 0).all()
+    accurate = (expected > -10) & (cond < 1e8)
+    torch.testing.assert_close(ladj[accurate], expected[accurate], atol=1e-6, rtol=1e-6)
