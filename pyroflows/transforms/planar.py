@@ -74,7 +74,8 @@ def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: 
         th = torch.tanh(s)
         return s + c * th, 1 + c * (1 - th * th)
 
-    s = monotone_root(fn, t, t - c.abs(), t + c.abs())
+    # |s - t| <= |c| |tanh s|; widened so a root at a saturated tanh is not on the edge
+    s = monotone_root(fn, t, t - 2 * c.abs() - 1, t + 2 * c.abs() + 1)
     return y - u_hat * torch.tanh(s).unsqueeze(-1)
 
 
