@@ -99,7 +99,8 @@ def save_figure(vae: VAE, data: Dataset, path: Path, n: int = 10) -> None:
     from matplotlib import pyplot as plt
 
     device = next(vae.parameters()).device
-    x = data.test[:n].to(device)
+    idx = torch.linspace(0, len(data.test) - 1, n).long()  # spread out: files sort by class
+    x = data.test[idx].to(device)
     rows = [x, vae.reconstruct(x), vae.sample(n)]
     titles = ["test data", "reconstructions", "samples"]
     fig, axes = plt.subplots(3, n, figsize=(n * 0.9, 3 * 1.0))
