@@ -19,6 +19,7 @@ from pyroflows._utils import (
     split_params,
 )
 from pyroflows.transforms._base import FlowModule, ParamFlow
+from pyroflows.transforms._planar_stack import planar_stack
 
 
 def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,6 +177,66 @@ class ConditionalPlanar(ConditionalTransformModule):
         u_hat, one_plus_c = planar_u_hat(u, w)
         params = (u_hat, w, b.squeeze(-1), one_plus_c)
         return ParamFlow(_planar, _planar_inverse, params, "Planar")
+
+
+def planar_stack_inverse(
+    y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: Tensor
+) -> Tensor:
+    """Invert :func:`planar_stack` (parameters stacked on a leading K axis), last layer first."""
+    for k in range(u_hat.shape[0] - 1, -1, -1):
+        y = _planar_inverse(y, u_hat[k], w[k], b[k], one_plus_c[k])
+    return y
+
+
+class ConditionalPlanarStack(ConditionalTransformModule):
+    r"""K amortized planar layers from one linear head, run as a single autograd node.
+
+    Equivalent to K :class:`ConditionalPlanar` layers with ``hidden_dims=[]`` (each layer's
+    :math:`u_k, w_k, b_k` a linear function of the context), but all K parameter sets come
+    from one matrix product (the paper's single amortization head), the constraint is
+    applied to all layers at once, and the K layers run in one custom autograd function
+    with a hand-written backward. This is the speed path of
+    :class:`~pyroflows.vae.FlowEncoder` for ``flow="planar"``.
+
+    Note:
+        Planar has no closed-form inverse. ``log_prob`` still works at any point (safeguarded
+        Newton along each :math:`w_k`, last layer first; see :class:`Planar`).
+
+    Args:
+        input_dim: Dimension D of the event.
+        context_dim: Dimension of the context vector.
+        num_flows: Number of planar layers K.
+
+    Example:
+        >>> stack = ConditionalPlanarStack(3, 5, num_flows=4)
+        >>> stack.condition(torch.zeros(2, 5))(torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, input_dim: int, context_dim: int, num_flows: int) -> None:
+        super().__init__()
+        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.context_dim = check_positive_int("context_dim", context_dim)
+        self.num_flows = check_positive_int("num_flows", num_flows)
+        self.param_dims = (input_dim, input_dim, 1)
+        self.nn = hypernet(context_dim, [], [num_flows * (2 * input_dim + 1)])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity start: every layer has ``u = 0``, ``b = 0`` and a random ``w``."""
+        bound = 1 / math.sqrt(self.input_dim)
+        bias = self.nn[-1].bias.view(self.num_flows, 2 * self.input_dim + 1)
+        with torch.no_grad():
+            bias.zero_()
+            bias[:, self.input_dim : 2 * self.input_dim].uniform_(-bound, bound)
+
+    def condition(self, context: Tensor) -> ParamFlow:
+        check_context(context, self.context_dim)
+        out = self.nn(context).unflatten(-1, (self.num_flows, -1)).movedim(-2, 0)
+        u, w, b = split_params(out, self.param_dims)  # (K, *batch, ·)
+        u_hat, one_plus_c = planar_u_hat(u, w)
+        params = (u_hat, w, b.squeeze(-1), one_plus_c)
+        return ParamFlow(planar_stack, planar_stack_inverse, params, "PlanarStack")
 
 
 def planar(input_dim: int) -> Planar:
