@@ -27,6 +27,7 @@ from pyroflows.transforms.iaf import (
 from pyroflows.transforms.made import MADE
 from pyroflows.transforms.planar import (
     ConditionalPlanar,
+    ConditionalPlanarStack,
     Planar,
     conditional_planar,
     planar,
@@ -74,6 +75,7 @@ __all__ = [
     "MADE",
     "ConditionalIAF",
     "ConditionalPlanar",
+    "ConditionalPlanarStack",
     "ConditionalRadial",
     "ConditionalSylvester",
     "Planar",
