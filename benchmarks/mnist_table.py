@@ -364,8 +364,38 @@ def write_table(args: argparse.Namespace) -> None:
         "Paper: van den Berg, Hasenclever, Tomczak & Welling (2018), *Sylvester Normalizing "
         "Flows for Variational Inference*, Table 1 (gated-conv encoder/decoder, up to 2000 "
         "epochs with early stopping, mean ± std of 3 runs). Our CPU numbers come from a far "
-        "smaller budget and the MLP architecture, so compare the ordering, not the values.",
+        "smaller budget and the MLP architecture, so compare the ordering, not the values. "
+        "One seed per row (see the seed check below, if run). `train min` is wall "
+        "time and `ms/step` one pass of 3 steps per variant, both on a shared 2-core machine "
+        "(load 3–6 from other jobs), so they rank the costs rather than time them. Variants "
+        "marked not run would need the stated time at that step cost; run them with "
+        "`--variants o-snf --resume` (checkpoints per epoch) or `--full` on a GPU.",
     ]
+    for extra in args.seed_check or []:
+        other = {
+            v: json.loads(p.read_text())
+            for v in VARIANTS
+            if (p := Path(extra) / f"{v}.json").exists()
+        }
+        if not other:
+            continue
+        seed = next(iter(other.values()))["config"]["seed"]
+        lines += [
+            "",
+            f"## Seed check: the same budget with `--seed {seed}`",
+            "",
+            f"From `{extra}` (NLL with S = {next(iter(other.values()))['num_samples']}).",
+            "",
+            "| Model | −ELBO (seed above) | −ELBO (this seed) | NLL (seed above) "
+            "| NLL (this seed) |",
+            "|---|---|---|---|---|",
+        ]
+        for v, o in other.items():
+            r = rows.get(v, {})
+            lines.append(
+                f"| {VARIANTS[v][0]} | {fmt(r.get('test_neg_elbo'))} | {fmt(o['test_neg_elbo'])} "
+                f"| {fmt(r.get('test_nll'))} | {fmt(o['test_nll'])} |"
+            )
     tuned = {v: r["finetune"] for v, r in rows.items() if "finetune" in r}
     if tuned:
         steps = next(iter(tuned.values()))["steps"]
@@ -432,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-steps", type=int, default=30)
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--seed-check", nargs="*", help="output dirs of runs with other seeds")
     p.add_argument(
         "--finetune-encoder", type=int, default=0, help="steps of encoder-only training"
     )
