@@ -22,7 +22,7 @@ from torch.distributions import Transform
 from torch.nn import functional as F
 
 from pyroflows._utils import check_positive_int
-from pyroflows.transforms import CONDITIONAL_FLOWS
+from pyroflows.transforms import CONDITIONAL_FLOWS, ConditionalPlanarStack
 
 __all__ = [
     "ARCHITECTURES",
@@ -64,7 +64,10 @@ class FlowEncoder(nn.Module):
     :class:`~pyro.infer.Trace_ELBO` scores :math:`\log q(z|x) = \log \mathcal N(z_0) -
     \sum_k \log|\det \partial z_k / \partial z_{k-1}|` (read from the cache, no inversion).
     Between autoregressive or triangular layers (``iaf``, ``iaf-gated``,
-    ``sylvester-triangular``) a parameter-free reversal permutation is inserted.
+    ``sylvester-triangular``) a parameter-free reversal permutation is inserted. For
+    ``flow="planar"`` with linear heads the K layers are one
+    :class:`~pyroflows.transforms.ConditionalPlanarStack` (the same family, one matmul for
+    all K parameter sets and one autograd node for the stack).
 
     Args:
         net: Module mapping ``x`` to ``h``.
@@ -121,10 +124,15 @@ class FlowEncoder(nn.Module):
         self.loc = nn.Linear(hidden_dim, latent_dim)
         self.scale = nn.Linear(hidden_dim, latent_dim)
         kwargs = _flow_kwargs(flow) | dict(flow_kwargs or {})
-        self.flows = nn.ModuleList(
-            CONDITIONAL_FLOWS[flow](latent_dim, hidden_dim, **kwargs)
-            for _ in range(self.num_flows)
-        )
+        if flow == "planar" and kwargs == {"hidden_dims": []}:
+            # the same K linear-head layers, emitted by one matmul and run as one autograd node
+            flows = [ConditionalPlanarStack(latent_dim, hidden_dim, self.num_flows)]
+        else:
+            flows = [
+                CONDITIONAL_FLOWS[flow](latent_dim, hidden_dim, **kwargs)
+                for _ in range(self.num_flows)
+            ]
+        self.flows = nn.ModuleList(flows)
         self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)
 
     def hidden(self, x: Tensor) -> Tensor:

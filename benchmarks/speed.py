@@ -1,0 +1,402 @@
+"""Speed and memory of pyroflows against Pyro's built-in equivalents, in one run.
+
+Sections (each row: ours, Pyro's, ratio = Pyro time / ours, so > 1 means we are faster):
+
+1. flow layers: forward + log-det, and ``TransformedDistribution.rsample`` + ``log_prob``, for
+   K in {1, 8, 32} layers, D in {2, 64, 512}, batch in {1, 256, 8192}; planar, radial,
+   Householder Sylvester (vs Pyro's ``Sylvester``, the same number of reflections) and affine
+   IAF (vs ``AffineAutoregressive``, the same MADE widths); peak memory of the rsample+log_prob
+   call (CUDA max allocated on GPU, sampled RSS on CPU);
+2. one SVI step of the amortized flow VAE (K = 16 planar, K = 8 orthogonal Sylvester; batch 100
+   and 1000) against the same VAE with Pyro's ``ConditionalPlanar`` layers, both with the
+   identical linear parameter heads and as built by Pyro's own ``conditional_planar`` helper;
+3. ``AutoFlowGuide`` SVI steps per second against ``AutoIAFNormal`` and
+   ``AutoNormalizingFlow`` on Neal's funnel with 10 and 1000 latent dimensions;
+4. scaling: time against K and batch with a least-squares line and its R²;
+5. ``torch.compile`` against eager for the flow stacks.
+
+Timings are medians of repeats after warm-up, synchronizing CUDA. Configurations whose work
+exceeds ``--max-work`` on the CPU are reported as skipped, not estimated.
+
+Run: ``python benchmarks/speed.py [--device cuda] [--quick]``; writes
+``benchmarks/results/speed[_<device>].md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions.transforms import ComposeTransformModule
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import device_name, fit_linear_r2, peak_memory_mb, time_fn  # noqa: E402
+
+from pyroflows import AutoFlowGuide  # noqa: E402
+from pyroflows.transforms import IAF, Planar, Radial, sylvester  # noqa: E402
+from pyroflows.vae import VAE  # noqa: E402
+
+HOUSEHOLDER = 8  # reflections for both Sylvester implementations (van den Berg et al.: H = 8)
+
+
+def families(d: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]]:
+    """name -> (our layer factory, Pyro's equivalent layer factory) at dimension d."""
+    h = min(HOUSEHOLDER, d)
+    return {
+        "planar": (lambda: Planar(d), lambda: T.Planar(d)),
+        "radial": (lambda: Radial(d), lambda: T.Radial(d)),
+        "sylvester-householder": (
+            lambda: sylvester(d, "householder", num_householder=h),
+            lambda: T.Sylvester(d, count_transforms=h),
+        ),
+        "iaf": (
+            lambda: IAF(d, hidden_dims=[3 * d + 1]),
+            lambda: T.affine_autoregressive(d, hidden_dims=[3 * d + 1]),
+        ),
+    }
+
+
+def work(name: str, k: int, d: int, b: int) -> float:
+    """Rough multiply-adds of one forward pass, to skip configurations too big for a CPU."""
+    per = {"planar": 4 * d, "radial": 4 * d, "sylvester-householder": 4 * d * d + 16 * d * d}
+    per["iaf"] = 2 * d * (3 * d + 1) * 2
+    return k * b * per[name]
+
+
+def stack_fns(make: Callable[[], nn.Module], k: int, d: int, b: int, device: torch.device):
+    """(forward+log-det fn, rsample+log_prob fn) for K fresh layers of ``make``."""
+    layers = ComposeTransformModule([make() for _ in range(k)]).to(device)
+    base = dist.Normal(torch.zeros(d, device=device), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [layers])
+
+    def forward() -> torch.Tensor:
+        x = torch.randn(b, d, device=device)
+        return layers.log_abs_det_jacobian(x, layers(x))
+
+    def sample_score() -> torch.Tensor:
+        return q.log_prob(q.rsample((b,)))
+
+    return forward, sample_score
+
+
+def section_flows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for d in args.dims:
+        for name, (ours, theirs) in families(d).items():
+            for k in args.num_flows:
+                for b in args.batches:
+                    row = {"flow": name, "K": k, "D": d, "batch": b}
+                    if device.type == "cpu" and work(name, k, d, b) > args.max_work:
+                        row["skipped"] = True
+                        rows.append(row)
+                        continue
+                    for tag, make in (("ours", ours), ("pyro", theirs)):
+                        fwd, rlp = stack_fns(make, k, d, b, device)
+                        row[f"{tag}_fwd"] = time_fn(fwd, device, args.repeats)
+                        row[f"{tag}_rlp"] = time_fn(rlp, device, args.repeats)
+                        row[f"{tag}_mem"] = peak_memory_mb(rlp, device)
+                    rows.append(row)
+                    print(fmt_flow_row(row), flush=True)
+    return rows
+
+
+def fmt_flow_row(r: dict) -> str:
+    head = f"| {r['flow']} | {r['K']} | {r['D']} | {r['batch']} |"
+    if r.get("skipped"):
+        return head + " skipped (CPU budget) | | | | | | | |"
+    return head + (
+        f" {r['ours_fwd']:.3f} | {r['pyro_fwd']:.3f} | {r['pyro_fwd'] / r['ours_fwd']:.2f} |"
+        f" {r['ours_rlp']:.3f} | {r['pyro_rlp']:.3f} | {r['pyro_rlp'] / r['ours_rlp']:.2f} |"
+        f" {r['ours_mem']:.1f} | {r['pyro_mem']:.1f} |"
+    )
+
+
+class _LinearPlanarHead(nn.Module):
+    """One linear map h -> (b, u, w): the parameter head of our planar layers, for Pyro's."""
+
+    def __init__(self, context_dim: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.linear = nn.Linear(context_dim, 2 * dim + 1)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(self.linear(h), [1, self.dim, self.dim], dim=-1))
+
+
+def vae_step_fn(vae: VAE, x: torch.Tensor) -> Callable[[], None]:
+    """One SVI step (Trace_ELBO, Adam) of ``vae`` on the batch ``x``."""
+    pyro.clear_param_store()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 5e-4}), Trace_ELBO())
+    return lambda: svi.step(x)
+
+
+def pyro_planar_vae(head: str, k: int, device: torch.device) -> VAE:
+    vae = VAE(flow="planar", num_flows=k)
+    if head == "linear":
+        layers = [T.ConditionalPlanar(_LinearPlanarHead(300, 64)) for _ in range(k)]
+    else:  # Pyro's helper: a DenseNN hypernetwork with hidden_dims [10D, 10D]
+        layers = [T.conditional_planar(64, 300) for _ in range(k)]
+    vae.encoder.flows = nn.ModuleList(layers)
+    return vae.to(device)
+
+
+def section_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for batch in args.vae_batches:
+        x = torch.bernoulli(torch.full((batch, 784), 0.13, device=device))
+        cases = {
+            ("planar", 16, "pyroflows"): lambda: VAE(flow="planar", num_flows=16).to(device),
+            ("planar", 16, "Pyro, same linear heads"): lambda: pyro_planar_vae(
+                "linear", 16, device
+            ),
+            ("planar", 16, "Pyro, conditional_planar()"): lambda: pyro_planar_vae(
+                "dense", 16, device
+            ),
+            ("sylvester-orthogonal", 8, "pyroflows"): lambda: VAE(
+                flow="sylvester-orthogonal", num_flows=8
+            ).to(device),
+            ("none", 0, "pyroflows (no flow)"): lambda: VAE(flow="none").to(device),
+        }
+        for (flow, k, impl), build in cases.items():
+            pyro.set_rng_seed(0)
+            step = vae_step_fn(build(), x)
+            ms = time_fn(step, device, args.repeats, budget_s=10.0)
+            mem = peak_memory_mb(step, device)
+            rows.append({"flow": flow, "K": k, "impl": impl, "batch": batch, "ms": ms, "mem": mem})
+            print(f"VAE {flow} K={k} {impl} batch={batch}: {ms:.1f} ms, {mem:.1f} MiB", flush=True)
+    return rows
+
+
+def funnel(dim: int) -> Callable[[], None]:
+    def model() -> None:
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)).expand([dim - 1]).to_event(1))
+
+    return model
+
+
+def section_guides(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for dim in args.guide_dims:
+        model = funnel(dim)
+        guides = {
+            "AutoFlowGuide(iaf, 2)": lambda m: AutoFlowGuide(m, flow="iaf", num_flows=2),
+            "AutoIAFNormal(2)": lambda m: AutoIAFNormal(m, num_transforms=2),
+            "AutoFlowGuide(planar, 8)": lambda m: AutoFlowGuide(m, flow="planar", num_flows=8),
+            "AutoNormalizingFlow(planar, 8)": lambda m: AutoNormalizingFlow(
+                m, lambda d: ComposeTransformModule([T.Planar(d) for _ in range(8)])
+            ),
+        }
+        for name, make in guides.items():
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            with torch.device(device) if device.type == "cuda" else _null():
+                guide = make(model)
+                svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+                ms = time_fn(svi.step, device, args.repeats, budget_s=5.0)
+            rows.append({"guide": name, "dim": dim, "ms": ms, "steps_per_s": 1e3 / ms})
+            print(f"guide {name} dim={dim}: {1e3 / ms:.1f} steps/s", flush=True)
+    return rows
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def section_scaling(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    d = 64
+    for name, (ours, _) in families(d).items():
+        ks = [1, 2, 4, 8, 16, 32]
+        tk = [time_fn(stack_fns(ours, k, d, 256, device)[1], device, args.repeats) for k in ks]
+        bs = [256, 1024, 2048, 4096, 8192]
+        tb = [time_fn(stack_fns(ours, 8, d, b, device)[1], device, args.repeats) for b in bs]
+        rows.append(
+            {
+                "flow": name,
+                "K": (ks, tk, fit_linear_r2(ks, tk)),
+                "B": (bs, tb, fit_linear_r2(bs, tb)),
+            }
+        )
+        print(f"scaling {name}: R²(K) {rows[-1]['K'][2][2]:.4f} R²(B) {rows[-1]['B'][2][2]:.4f}")
+    return rows
+
+
+def section_compile(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    k, d, b = 8, 64, 256
+    for name, (ours, _) in families(d).items():
+        layers = ComposeTransformModule([ours() for _ in range(k)]).to(device)
+
+        def fwd(x: torch.Tensor, layers: nn.Module = layers) -> torch.Tensor:
+            y = layers(x)
+            return y.sum() + layers.log_abs_det_jacobian(x, y).sum()
+
+        x = torch.randn(b, d, device=device)
+        eager = time_fn(lambda f=fwd, x=x: f(x.clone()).backward(), device, args.repeats)
+        try:
+            compiled = torch.compile(fwd, dynamic=False)
+            t0 = time.perf_counter()
+            compiled(x.clone()).backward()
+            compile_s = time.perf_counter() - t0
+            ms = time_fn(lambda c=compiled, x=x: c(x.clone()).backward(), device, args.repeats)
+            err = ""
+        except Exception as e:  # report, do not hide, a compile failure
+            ms, compile_s, err = float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:120]
+        rows.append(
+            {"flow": name, "eager": eager, "compiled": ms, "compile_s": compile_s, "err": err}
+        )
+        print(f"compile {name}: eager {eager:.3f} ms, compiled {ms:.3f} ms {err}", flush=True)
+    return rows
+
+
+def write(args: argparse.Namespace, device: torch.device, res: dict) -> Path:
+    out = Path(
+        args.output
+        or f"benchmarks/results/speed{'' if device.type == 'cpu' else '_' + device.type}.md"
+    )
+    lines = [
+        "# Speed: pyroflows vs Pyro built-ins",
+        "",
+        f"Generated by `python benchmarks/speed.py {' '.join(sys.argv[1:])}` on {device_name(device)};",
+        f"torch {torch.__version__}, pyro {pyro.__version__}, Python {platform.python_version()}."
+        " Ratio = Pyro time / ours (> 1: ours faster). Times are medians in ms.",
+        "",
+    ]
+    if "flows" in res:
+        lines += [
+            "## 1. Flow layers (float32, autograd recording, no backward)",
+            "",
+            "| flow | K | D | batch | fwd+ladj ours | Pyro | ratio | rsample+log_prob ours | Pyro | ratio | peak MiB ours | Pyro |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *[fmt_flow_row(r) for r in res["flows"]],
+            "",
+        ]
+        ratios = [
+            min(r["pyro_fwd"] / r["ours_fwd"], r["pyro_rlp"] / r["ours_rlp"])
+            for r in res["flows"]
+            if not r.get("skipped")
+        ]
+        if ratios:
+            lines += [f"Worst ratio over all measured rows: {min(ratios):.2f}.", ""]
+    if "vae" in res:
+        lines += ["## 2. Amortized flow VAE: one SVI step (MLP 784-300-300, latent 64)", ""]
+        lines += [
+            "| flow | K | implementation | batch | ms/step | ratio vs pyroflows | peak MiB |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for r in res["vae"]:
+            ref = next(
+                (
+                    q
+                    for q in res["vae"]
+                    if q["flow"] == r["flow"]
+                    and q["batch"] == r["batch"]
+                    and q["impl"] == "pyroflows"
+                ),
+                None,
+            )
+            ratio = f"{r['ms'] / ref['ms']:.2f}" if ref else "—"
+            lines.append(
+                f"| {r['flow']} | {r['K']} | {r['impl']} | {r['batch']} | {r['ms']:.1f} | {ratio} | {r['mem']:.1f} |"
+            )
+        lines += [
+            "",
+            "Pyro has no conditional Sylvester transform, so that row has no Pyro counterpart.",
+            "",
+        ]
+    if "guides" in res:
+        lines += ["## 3. Autoguides on Neal's funnel: SVI steps per second", ""]
+        lines += ["| guide | latent dim | ms/step | steps/s |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['guide']} | {r['dim']} | {r['ms']:.2f} | {r['steps_per_s']:.1f} |"
+            for r in res["guides"]
+        ]
+        lines.append("")
+    if "scaling" in res:
+        lines += ["## 4. Scaling of rsample+log_prob (D = 64): least-squares line and R²", ""]
+        lines += [
+            "| flow | K = 1,2,4,8,16,32 (batch 256), ms | R² in K | batch = 256..8192 (K = 8), ms | R² in batch |"
+        ]
+        lines += ["|---|---|---|---|---|"]
+        for r in res["scaling"]:
+            tk = ", ".join(f"{t:.2f}" for t in r["K"][1])
+            tb = ", ".join(f"{t:.2f}" for t in r["B"][1])
+            lines.append(
+                f"| {r['flow']} | {tk} | {r['K'][2][2]:.4f} | {tb} | {r['B'][2][2]:.4f} |"
+            )
+        lines.append("")
+    if "compile" in res:
+        lines += [
+            "## 5. torch.compile vs eager (K = 8, D = 64, batch 256, forward + log-det + backward)",
+            "",
+        ]
+        lines += [
+            "| flow | eager ms | compiled ms | speed-up | first call (compile) s | error |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["compile"]:
+            lines.append(
+                f"| {r['flow']} | {r['eager']:.3f} | {r['compiled']:.3f} | {r['eager'] / r['compiled']:.2f} | {r['compile_s']:.1f} | {r['err']} |"
+            )
+        lines.append("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--sections", nargs="+", default=["flows", "vae", "guides", "scaling", "compile"]
+    )
+    p.add_argument("--num-flows", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 512])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256, 8192])
+    p.add_argument("--vae-batches", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--guide-dims", type=int, nargs="+", default=[10, 1000])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--max-work", type=float, default=3e9, help="CPU skip threshold (mult-adds)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a small grid for a smoke run")
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_flows, args.dims, args.batches = [1, 8], [2, 64], [1, 256]
+        args.vae_batches, args.guide_dims, args.repeats = [100], [10], 3
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = {
+        "flows": section_flows,
+        "vae": section_vae,
+        "guides": section_guides,
+        "scaling": section_scaling,
+        "compile": section_compile,
+    }
+    res = {name: sections[name](args, device) for name in args.sections}
+    print(f"wrote {write(args, device, res)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
