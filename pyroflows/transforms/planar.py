@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from pyroflows._utils import (
     check_context,
@@ -43,12 +42,6 @@ def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     one_plus_c = torch.exp(a_neg) + a.clamp(min=0)  # 1 + m(a)
     return u + (gap / n2) * w, one_plus_c.squeeze(-1)
-
-
-def _log_sech2(s: Tensor) -> Tensor:
-    """log(1 − tanh²(s)) = 2 (log 2 − |s| − log(1 + e^{−2|s|})), stable for large |s|."""
-    t = s.abs()
-    return 2 * (math.log(2.0) - t - F.softplus(-2 * t))
 
 
 def _planar(

@@ -15,12 +15,12 @@ from pyroflows._utils import (
     check_hidden_dims,
     check_positive_int,
     hypernet,
+    log_sech2,
     monotone_root,
     split_params,
 )
 from pyroflows.transforms._base import FlowModule, ParamFlow
 from pyroflows.transforms._sylvester_q import QSpec, make_q_spec, upper_triangular
-from pyroflows.transforms.planar import _log_sech2
 
 
 def _log_cosh(a: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ def _sylvester(
     a = torch.tanh(s)
     y = x + _rowmv(_rowmv(a, r.mT), q.mT)  # (*, D)
     log_th2 = torch.log((a * a).clamp_min(torch.finfo(a.dtype).tiny))
-    ladj = torch.logaddexp(log_th2, _log_sech2(s) + log1p_c).sum(-1)
+    ladj = torch.logaddexp(log_th2, log_sech2(s) + log1p_c).sum(-1)
     return y, ladj
 
 
