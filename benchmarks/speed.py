@@ -394,8 +394,10 @@ def main(args: argparse.Namespace) -> None:
         "scaling": section_scaling,
         "compile": section_compile,
     }
-    res = {name: sections[name](args, device) for name in args.sections}
-    print(f"wrote {write(args, device, res)}")
+    res: dict = {}
+    for name in args.sections:  # rewrite the results after each section, so a partial run counts
+        res[name] = sections[name](args, device)
+        print(f"wrote {write(args, device, res)}", flush=True)
 
 
 if __name__ == "__main__":
