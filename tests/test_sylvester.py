@@ -216,3 +216,14 @@ def test_log_det_is_exact_for_adversarial_parameters(kind):
 def test_argument_validation(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_bjorck_gradient_is_the_exact_polar_derivative():
+    """The implicit backward (no unrolled iterations) passes gradcheck and matches the SVD's."""
+    a = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bjorck_orthonormalize, (a,))
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    g = torch.randn_like(a)
+    (ours,) = torch.autograd.grad((bjorck_orthonormalize(a) * g).sum(), a)
+    (svd,) = torch.autograd.grad(((u @ vh) * g).sum(), a)
+    torch.testing.assert_close(ours, svd)

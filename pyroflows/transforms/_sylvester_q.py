@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from pyroflows._utils import check_positive_int
 
@@ -44,6 +45,9 @@ def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
     quadratically). Each matrix of the batch stops after the step taken when
     :math:`\|I - Q^\top Q\|_F \le \sqrt{\epsilon}`, which leaves it at rounding level.
 
+    The iteration runs without recording a graph; the gradient is the exact derivative of
+    the polar factor (:class:`_PolarFn`), so memory does not grow with the iterations.
+
     Warns (``RuntimeWarning``) if ``max_iter`` steps do not get there, which only happens
     when ``a`` is numerically rank-deficient; ``Q`` is then not orthonormal.
 
@@ -55,15 +59,20 @@ def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
     a = _rescale(a, (-2, -1)).reshape(-1, *shape[-2:])  # (n, D, M)
     if a.shape[0] == 0:
         return a.reshape(shape)
+    return _PolarFn.apply(a, max_iter).reshape(shape)
+
+
+def _bjorck_iterate(a: Tensor, max_iter: int) -> Tensor:
+    """Björck's iteration on ``(n, D, M)``, each matrix stopped once converged (no graph)."""
     fro = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
     q = a / fro[:, None, None]
-    eye = torch.eye(shape[-1], dtype=a.dtype, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     tol = math.sqrt(torch.finfo(a.dtype).eps)
     active = torch.arange(q.shape[0], device=a.device)
     done: list[tuple[Tensor, Tensor]] = []  # (indices, converged Q's)
     for _ in range(max_iter):
         e = eye - q.mT @ q  # (n_active, M, M)
-        conv = torch.linalg.matrix_norm(e.detach()) <= tol
+        conv = torch.linalg.matrix_norm(e) <= tol
         q = q + 0.5 * (q @ e)
         if bool(conv.any()):  # converged matrices leave the batch after this final step
             done.append((active[conv], q[conv]))
@@ -71,11 +80,41 @@ def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
         if active.numel() == 0:
             break
     else:
-        err = float(torch.linalg.matrix_norm(eye - q.detach().mT @ q.detach()).amax())
+        err = float(torch.linalg.matrix_norm(eye - q.mT @ q).amax())
         _warn_not_converged(max_iter, err)
         done.append((active, q))
     idx, qs = (torch.cat(t) for t in zip(*done, strict=True))
-    return a.new_zeros(a.shape).index_copy(0, idx, qs).reshape(shape)
+    return a.new_zeros(a.shape).index_copy(0, idx, qs)
+
+
+class _PolarFn(torch.autograd.Function):
+    r"""Orthonormal polar factor :math:`Q = A (A^\top A)^{-1/2}` by Björck's iteration.
+
+    Backward without unrolling the iteration: with :math:`P = Q^\top A` (symmetric positive
+    definite), :math:`dQ = (I - QQ^\top)\, dA\, P^{-1} + Q\Omega`, where the skew
+    :math:`\Omega` solves :math:`P\Omega + \Omega P = Q^\top dA - dA^\top Q`. Its adjoint
+    gives :math:`\bar A = (I - QQ^\top)\bar Q P^{-1} + 2QY` with
+    :math:`PY + YP = \mathrm{skew}(Q^\top \bar Q)`, solved in the eigenbasis of :math:`P`.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, a: Tensor, max_iter: int) -> Tensor:
+        q = _bjorck_iterate(a.detach(), max_iter)
+        p = q.mT @ a.detach()
+        ctx.save_for_backward(q, 0.5 * (p + p.mT))
+        return q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor, None]:
+        q, p = ctx.saved_tensors
+        lam, v = torch.linalg.eigh(p)  # (n, M), (n, M, M)
+        qtg = q.mT @ g  # (n, M, M)
+        skew = v.mT @ (0.5 * (qtg - qtg.mT)) @ v
+        y = v @ (skew / (lam[..., :, None] + lam[..., None, :])) @ v.mT
+        resid = g - q @ qtg  # (I - QQᵀ) Ḡ
+        grad = (resid @ v / lam[..., None, :]) @ v.mT + 2 * q @ y
+        return grad, None
 
 
 def householder_product(v: Tensor) -> Tensor:
