@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -62,12 +60,6 @@ def check_context(context: Tensor, context_dim: int) -> None:
         raise ValueError(
             f"context must have shape (*batch, {context_dim}); got {tuple(context.shape)}"
         )
-
-
-def log_sech2(s: Tensor) -> Tensor:
-    """log(1 − tanh²(s)) = 2 (log 2 − |s| − log(1 + e^{−2|s|})), stable for large |s|."""
-    t = s.abs()
-    return 2 * (math.log(2.0) - t - F.softplus(-2 * t))
 
 
 def monotone_root(

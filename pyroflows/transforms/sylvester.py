@@ -15,7 +15,6 @@ from pyroflows._utils import (
     check_hidden_dims,
     check_positive_int,
     hypernet,
-    log_sech2,
     monotone_root,
     split_params,
 )
@@ -60,14 +59,16 @@ def _sylvester(
 
     Shapes: x (*batch, D), q (*p, D, M), r and rt (*p, M, M), b and log1p_c (*p, M). Each
     log-det term is log(tanh²(sᵢ) + (1 − tanh²(sᵢ))(1 + rᵢᵢ r̃ᵢᵢ)), a sum of non-negative
-    terms, so it stays finite and accurate as rᵢᵢ r̃ᵢᵢ → −1.
+    terms with 1 + rᵢᵢ r̃ᵢᵢ taken from its exact logarithm, so it stays finite and accurate
+    as rᵢᵢ r̃ᵢᵢ → −1 (floored at the smallest normal number only where it underflows).
     """
     v = _rowmv(x, q)  # (*, M)
     s = _rowmv(v, rt.mT) + b  # (*, M)
     a = torch.tanh(s)
     y = x + _rowmv(_rowmv(a, r.mT), q.mT)  # (*, D)
-    log_th2 = torch.log((a * a).clamp_min(torch.finfo(a.dtype).tiny))
-    ladj = torch.logaddexp(log_th2, log_sech2(s) + log1p_c).sum(-1)
+    th2 = a * a
+    det = torch.addcmul(th2, 1 - th2, log1p_c.exp())  # tanh² + sech²(1 + rᵢᵢ r̃ᵢᵢ)
+    ladj = torch.log(det.clamp_min(torch.finfo(a.dtype).tiny)).sum(-1)
     return y, ladj
 
 
