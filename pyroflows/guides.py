@@ -20,48 +20,9 @@ from torch.distributions import Transform, biject_to
 
 from pyroflows import transforms as _transforms
 from pyroflows._utils import check_positive_int
-
-#: Registry families whose layers are triangular in a fixed coordinate order; a parameter-free
-#: reversal is inserted between consecutive layers so every coordinate can depend on every
-#: other (for T-SNF this equals alternating its Q between the identity and the reversal).
-PERMUTED_FLOWS = frozenset({"iaf", "iaf-gated", "sylvester-triangular"})
+from pyroflows.transforms._base import PERMUTED_FLOWS, Reverse
 
 _BASES = ("diagonal", "full")
-
-
-class Reverse(Transform):
-    """Reverse the order of the last dimension; volume preserving and parameter free.
-
-    Example:
-        >>> Reverse()(torch.tensor([1.0, 2.0, 3.0]))
-        tensor([3., 2., 1.])
-    """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-    volume_preserving = True
-
-    def __init__(self, cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Reverse)
-
-    def __hash__(self) -> int:
-        return hash(Reverse)
-
-    def _call(self, x: Tensor) -> Tensor:
-        return x.flip(-1)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return y.flip(-1)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return x.new_zeros(x.shape[:-1])
-
-    def with_cache(self, cache_size: int = 1) -> Reverse:
-        return self if cache_size == self._cache_size else Reverse(cache_size)
 
 
 def _check_init_scale(init_scale: object) -> float:

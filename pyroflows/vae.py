@@ -16,13 +16,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import Permute
 from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
 from pyroflows._utils import check_positive_int
 from pyroflows.transforms import CONDITIONAL_FLOWS, ConditionalPlanarStack
+from pyroflows.transforms._base import PERMUTED_FLOWS, Reverse
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,9 +39,6 @@ __all__ = [
 
 ARCHITECTURES = ("mlp", "conv")
 """Encoder/decoder architectures accepted by :class:`VAE`."""
-
-_PERMUTED = ("iaf", "iaf-gated", "sylvester-triangular")
-"""Flows whose layers are separated by a reversal permutation."""
 
 
 def _flow_kwargs(name: str) -> dict[str, Any]:
@@ -133,7 +130,6 @@ class FlowEncoder(nn.Module):
                 for _ in range(self.num_flows)
             ]
         self.flows = nn.ModuleList(flows)
-        self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)
 
     def hidden(self, x: Tensor) -> Tensor:
         """The encoder's hidden state ``h = net(x)``, shape ``(*batch, hidden_dim)``."""
@@ -143,8 +139,8 @@ class FlowEncoder(nn.Module):
         """The K flows conditioned on ``h`` (with reversals between autoregressive layers)."""
         out: list[Transform] = []
         for k, flow in enumerate(self.flows):
-            if k > 0 and self.flow in _PERMUTED:
-                out.append(Permute(self.reverse))
+            if k > 0 and self.flow in PERMUTED_FLOWS:
+                out.append(Reverse())
             out.append(flow.condition(h))
         return out
 
