@@ -94,17 +94,18 @@ def make_trainer(seed_model: int, path=None, **kwargs):
     return Trainer(vae, data[:50], data[50:], **(opts | kwargs))
 
 
-def test_checkpoint_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamax", "adam"])
+def test_checkpoint_resume_is_bit_identical(tmp_path, optimizer):
     pyro.set_rng_seed(0)
-    straight = make_trainer(0, tmp_path / "a.pt")
+    straight = make_trainer(0, tmp_path / "a.pt", optimizer=optimizer)
     straight.fit(3)
 
     pyro.set_rng_seed(0)
-    first = make_trainer(0, tmp_path / "b.pt")
+    first = make_trainer(0, tmp_path / "b.pt", optimizer=optimizer)
     first.fit(1)
     torch.rand(100)  # disturb the global RNG: resuming must restore it
     pyro.set_rng_seed(99)
-    resumed = make_trainer(7, tmp_path / "b.pt").load(tmp_path / "b.pt")  # fresh weights
+    resumed = make_trainer(7, tmp_path / "b.pt", optimizer=optimizer).load(tmp_path / "b.pt")
     assert resumed.epoch == 1
     resumed.fit(3)
 
@@ -120,6 +121,29 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     assert [h["valid_elbo"] for h in straight.history] == [
         h["valid_elbo"] for h in resumed.history
     ]
+
+
+def test_adam_takes_the_same_steps_as_torch_adam():
+    """The fused update (where supported) is Adam: same parameters as the plain one."""
+    fast = make_trainer(0, optimizer="adam")
+    plain = make_trainer(0, optimizer="adam")
+    plain.optimizer = torch.optim.Adam(plain.module.parameters(), lr=5e-4, eps=1e-7)
+    try:
+        torch.optim.Adam([nn.Parameter(torch.zeros(1))], fused=True)
+        supported = True
+    except (RuntimeError, TypeError, ValueError):
+        supported = False
+    assert bool(fast.optimizer.defaults.get("fused")) == supported
+    x = fast.train_data[:16]
+    for _ in range(3):
+        pyro.set_rng_seed(1)
+        fast.step(x, 1.0)
+        pyro.set_rng_seed(1)
+        plain.step(x, 1.0)
+    for (name, a), b in zip(
+        fast.module.named_parameters(), plain.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 class Shift(nn.Module):

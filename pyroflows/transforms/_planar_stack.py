@@ -26,17 +26,20 @@ class _PlanarStackFn(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, opc: Tensor
     ) -> tuple[Tensor, Tensor]:
-        num = u_hat.shape[0]
-        xs, acts, dets = [], [], []
-        for k in range(num):
+        us, ws, bs = u_hat.unbind(0), w.unbind(0), b.unbind(0)
+        xs, acts = [], []
+        for u_k, w_k, b_k in zip(us, ws, bs, strict=True):
             xs.append(x)
-            a = torch.tanh((x * w[k]).sum(-1) + b[k])  # (*batch,)
-            x = x + u_hat[k] * a.unsqueeze(-1)
+            a = torch.tanh(torch.linalg.vecdot(x, w_k) + b_k)  # (*batch,)
+            x = torch.addcmul(x, u_k, a.unsqueeze(-1))
             acts.append(a)
-            dets.append(torch.addcmul(opc[k], a * a, 1 - opc[k]))
-        det = torch.stack(dets)  # (K, *batch)
-        ctx.save_for_backward(torch.stack(xs), torch.stack(acts), det, u_hat, w, b, opc)
-        return x, torch.log(det.clamp_min(torch.finfo(det.dtype).tiny)).sum(0)
+        a = torch.stack(acts)  # (K, *batch)
+        a2 = a * a
+        # a² + (1 − a²)(1 + wᵀû): a convex combination of 1 and 1 + wᵀû (floored), so > 0 and
+        # exact even for a huge 1 + wᵀû where a² rounds to 1
+        det = torch.addcmul(a2, 1 - a2, opc.clamp_min(torch.finfo(opc.dtype).tiny))
+        ctx.save_for_backward(torch.stack(xs), a, det, u_hat, w, b, opc)
+        return x, torch.log(det).sum(0)
 
     @staticmethod
     @once_differentiable
@@ -48,13 +51,14 @@ class _PlanarStackFn(torch.autograd.Function):
         gl_over_det = gl / det  # (K, *batch)
         g_opc = gl_over_det * one_minus_a2
         da_ladj = 2 * acts * (1 - opc) * gl_over_det
-        g_u, g_s = [], []
+        us, ws = u_hat.unbind(0), w.unbind(0)
+        gs, g_s = [], []
         for k in range(u_hat.shape[0] - 1, -1, -1):
-            ds = ((g * u_hat[k]).sum(-1) + da_ladj[k]) * one_minus_a2[k]  # (*batch,)
-            g_u.append(g * acts[k].unsqueeze(-1))
+            gs.append(g)  # the gradient reaching layer k's output
+            ds = (torch.linalg.vecdot(g, us[k]) + da_ladj[k]) * one_minus_a2[k]  # (*batch,)
             g_s.append(ds)
-            g = torch.addcmul(g, ds.unsqueeze(-1), w[k])
-        g_u = torch.stack(g_u[::-1])  # (K, *batch, D)
+            g = torch.addcmul(g, ds.unsqueeze(-1), ws[k])
+        g_u = torch.stack(gs[::-1]) * acts.unsqueeze(-1)  # (K, *batch, D)
         g_s = torch.stack(g_s[::-1])  # (K, *batch)
         g_w = g_s.unsqueeze(-1) * xs
         return g, g_u, g_w, g_s, g_opc

@@ -6,6 +6,7 @@ tensor on the device and in the dtype of their input.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pyroflows._utils import check_positive_int
 
 KINDS = ("orthogonal", "householder", "triangular")
 BJORCK_MAX_ITER = 100
+_SEQUENTIAL_MAX_H = 3  # up to this many reflections, multiply them out one by one
 
 
 def _rescale(a: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -127,14 +129,29 @@ def householder_product(v: Tensor) -> Tensor:
     sequential rank-one updates. A zero :math:`v_k` gives :math:`H_k = I` (no division by
     zero), so :math:`Q` is orthogonal for any input.
     """
-    v = _rescale(v, (-1,))
-    n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    u = v / torch.where(n > 0, n, torch.ones_like(n))  # (*batch, H, D), unit or zero rows
+    # rows scaled to max |entry| ~ 1 first, so the norm cannot overflow; zero rows stay zero
+    tiny = torch.finfo(v.dtype).tiny
+    v = v / v.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    u = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)  # (*b, H, D)
     h, d = u.shape[-2:]
-    eye_h = torch.eye(h, dtype=v.dtype, device=v.device)
-    t_inv = (u @ u.mT).triu(1) + 0.5 * eye_h  # (*batch, H, H)
+    eye = torch.eye(d, dtype=v.dtype, device=v.device)
+    if h <= _SEQUENTIAL_MAX_H:  # a few rank-one updates beat the triangular solve
+        if u.dim() == 2:
+            q = torch.addr(eye, u[0], u[0], alpha=-2)
+            for uk in u[1:]:
+                q = torch.addr(q, q @ uk, uk, alpha=-2)
+            return q
+        q = eye
+        for uk in u.unbind(-2):
+            qu = q @ uk.unsqueeze(-1)
+            q = q - (qu + qu) * uk.unsqueeze(-2)
+        return q
+    t_inv = (u @ u.mT).triu(1)  # (*batch, H, H)
+    t_inv.diagonal(dim1=-2, dim2=-1).fill_(0.5)
     w = torch.linalg.solve_triangular(t_inv, u, upper=True)  # T Uᵀ: (*batch, H, D)
-    return torch.eye(d, dtype=v.dtype, device=v.device) - u.mT @ w
+    if u.dim() == 2:
+        return torch.addmm(eye, u.mT, w, alpha=-1)
+    return eye - u.mT @ w
 
 
 def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
@@ -143,15 +160,42 @@ def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
     return eye.flip(-1) if permute else eye
 
 
-def upper_triangular(off: Tensor, diag: Tensor) -> Tensor:
-    """Upper-triangular ``(*batch, M, M)`` from its strict upper part (row-major) and diagonal.
+@functools.lru_cache(maxsize=32)
+def _triangular_pair_index(m: int, device: torch.device) -> Tensor:
+    """Flat positions in a ``(2, M, M)`` buffer of [R's strict upper part (row-major),
+    R̃'s, R's diagonal, R̃'s diagonal], the order :func:`upper_triangular_pair` packs."""
+    rows, cols = torch.triu_indices(m, m, 1)
+    off = rows * m + cols
+    diag = torch.arange(m) * (m + 1)
+    return torch.cat([off, off + m * m, diag, diag + m * m]).to(device)
 
-    ``off`` is ``(*batch, M(M-1)/2)`` and ``diag`` is ``(*batch, M)``.
+
+def upper_triangular_pair(r_off: Tensor, rt_off: Tensor, diags: Tensor) -> tuple[Tensor, Tensor]:
+    """Two upper-triangular ``(*batch, M, M)`` matrices R, R̃ filled by one scatter.
+
+    ``r_off``/``rt_off`` are their strict upper parts ``(*batch, M(M-1)/2)`` (row-major) and
+    ``diags`` is ``(*batch, 2M)``: R's diagonal, then R̃'s. Leading dimensions broadcast.
+
+    Example:
+        >>> r, rt = upper_triangular_pair(
+        ...     torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+        >>> r
+        tensor([[1., 1.],
+                [0., 1.]])
+        >>> rt
+        tensor([[0., 2.],
+                [0., 0.]])
     """
-    m = diag.shape[-1]
-    rows, cols = torch.triu_indices(m, m, 1, device=off.device)
-    flat = off.new_zeros(*off.shape[:-1], m * m).index_copy(-1, rows * m + cols, off)
-    return flat.unflatten(-1, (m, m)) + torch.diag_embed(diag)
+    m = diags.shape[-1] // 2
+    parts = [r_off, rt_off, diags]
+    if not r_off.shape[:-1] == rt_off.shape[:-1] == diags.shape[:-1]:
+        batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts))
+        parts = [t.expand(*batch, t.shape[-1]) for t in parts]
+    vals = torch.cat(parts, dim=-1)
+    flat = vals.new_zeros(*vals.shape[:-1], 2 * m * m)
+    flat = flat.index_copy(-1, _triangular_pair_index(m, vals.device), vals)
+    r, rt = flat.unflatten(-1, (2, m, m)).unbind(-3)
+    return r, rt
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,15 @@ def _planar(
     The log-det is evaluated as log(tanh²(s) + (1 − tanh²(s))(1 + wᵀû)), a sum of
     non-negative terms, so it stays finite and accurate as wᵀû → −1.
     """
-    a = torch.tanh((x * w).sum(-1) + b)  # (*batch,)
-    y = x + u_hat * a.unsqueeze(-1)  # (*batch, D)
+    s = (x @ w if w.dim() == 1 else (x * w).sum(-1)) + b  # (*batch,)
+    a = torch.tanh(s)
+    y = torch.addcmul(x, u_hat, a.unsqueeze(-1))  # (*batch, D)
+    # a convex combination of 1 and 1 + wᵀû, so >= min(1 + wᵀû, 1) > 0 after the floor,
+    # in the form that stays exact for a huge 1 + wᵀû where tanh² rounds to 1
     th2 = a * a
-    det = (th2 + (1 - th2) * one_plus_c).clamp_min(torch.finfo(a.dtype).tiny)
-    return y, torch.log(det)
+    return y, torch.log(
+        torch.addcmul(th2, 1 - th2, one_plus_c.clamp_min(torch.finfo(a.dtype).tiny))
+    )
 
 
 def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: Tensor) -> Tensor:

@@ -42,10 +42,11 @@ def _radial(x: Tensor, x0: Tensor, alpha: Tensor, gamma: Tensor) -> tuple[Tensor
     r = diff.norm(dim=-1)  # (*batch,)
     ar = alpha + r  # (*batch,)
     ratio = (gamma + r) / ar  # 1 + βh
-    y = x0 + diff * ratio.unsqueeze(-1)
-    # 1 + βh + βh'r = (r² + 2αr + αγ)/(α + r)²
-    radial_term = (r * (r + 2 * alpha) + alpha * gamma) / (ar * ar)
-    ladj = (x.shape[-1] - 1) * torch.log(ratio) + torch.log(radial_term)
+    y = torch.addcmul(x0, diff, ratio.unsqueeze(-1))
+    # 1 + βh + βh'r = (r² + 2αr + αγ)/(α + r)²  (Python scalars kept out of tensor ops: on
+    # the CPU each one costs an extra tensor)
+    radial_term = torch.addcmul(alpha * gamma, r, torch.add(r, alpha, alpha=2)) / (ar * ar)
+    ladj = torch.add(torch.log(radial_term), torch.log(ratio), alpha=x.shape[-1] - 1)
     return y, ladj
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,13 +20,23 @@ from pyroflows._utils import (
     split_params,
 )
 from pyroflows.transforms._base import FlowModule, ParamFlow
-from pyroflows.transforms._sylvester_q import QSpec, make_q_spec, upper_triangular
+from pyroflows.transforms._sylvester_q import QSpec, make_q_spec, upper_triangular_pair
 
 
-def _log_cosh(a: Tensor) -> Tensor:
-    """log cosh(a) = |a| + log(1 + e^{−2|a|}) − log 2, stable for large |a|."""
-    t = a.abs()
-    return t + F.softplus(-2 * t) - math.log(2.0)
+def _diag_terms(r_diag: Tensor, rt_diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(tanh of both diagonals (*batch, 2M), rᵢᵢ r̃ᵢᵢ, log(1 + rᵢᵢ r̃ᵢᵢ))``.
+
+    :math:`1 + \tanh a \tanh \tilde a = 2\sigma(2a)\sigma(2\tilde a)/\sigma(2a + 2\tilde a)`,
+    so its logarithm is a signed sum of log-sigmoids (:math:`\log 2 = -\log\sigma(0)`),
+    exact even where the tanh's round to ±1. Tensor-tensor arithmetic only: on the CPU a
+    Python scalar operand costs an extra tensor per operation.
+    """
+    if r_diag.shape != rt_diag.shape:
+        r_diag, rt_diag = torch.broadcast_tensors(r_diag, rt_diag)
+    zero = torch.zeros_like(r_diag)  # log σ(0) = −log 2
+    a = torch.stack([r_diag, rt_diag, r_diag + rt_diag, zero], dim=-2)  # (*batch, 4, M)
+    th = torch.tanh(a[..., :2, :])
+    return th.flatten(-2), th.prod(-2), _signs(a) @ F.logsigmoid(a + a)
 
 
 def sylvester_r(
@@ -38,13 +49,22 @@ def sylvester_r(
 
     Returns:
         ``(R, R̃, log1p_c)``: the upper-triangular ``(*batch, M, M)`` matrices and
-        :math:`\log(1 + r_{ii}\tilde r_{ii}) = \log\cosh(a_i + \tilde a_i) - \log\cosh a_i
-        - \log\cosh \tilde a_i`, exact even where the tanh's round to :math:`\pm 1`.
+        :math:`\log(1 + r_{ii}\tilde r_{ii}) = \log 2 + \log\sigma(2a_i) +
+        \log\sigma(2\tilde a_i) - \log\sigma(2a_i + 2\tilde a_i)`, exact even where the
+        tanh's round to :math:`\pm 1`.
     """
-    r = upper_triangular(r_off, torch.tanh(r_diag))
-    rt = upper_triangular(rt_off, torch.tanh(rt_diag))
-    log1p_c = _log_cosh(r_diag + rt_diag) - _log_cosh(r_diag) - _log_cosh(rt_diag)
+    diags, _, log1p_c = _diag_terms(r_diag, rt_diag)
+    r, rt = upper_triangular_pair(r_off, rt_off, diags)
     return r, rt, log1p_c
+
+
+@functools.lru_cache(maxsize=8)
+def _signs_cached(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device)
+
+
+def _signs(like: Tensor) -> Tensor:
+    return _signs_cached(like.dtype, like.device)
 
 
 def _rowmv(x: Tensor, a: Tensor) -> Tensor:
@@ -53,23 +73,29 @@ def _rowmv(x: Tensor, a: Tensor) -> Tensor:
 
 
 def _sylvester(
-    x: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor, log1p_c: Tensor
+    x: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor, one_plus_c: Tensor, c: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """y = x + Q R tanh(s), s = R̃ Qᵀx + b, and log|det J| = Σᵢ log(1 + tanh'(sᵢ) rᵢᵢ r̃ᵢᵢ).
+    """y = x + Q R tanh(s), s = R̃ Qᵀx + b, and log|det J| = Σᵢ log(1 + tanh'(sᵢ) cᵢ).
 
-    Shapes: x (*batch, D), q (*p, D, M), r and rt (*p, M, M), b and log1p_c (*p, M). Each
-    log-det term is log(tanh²(sᵢ) + (1 − tanh²(sᵢ))(1 + rᵢᵢ r̃ᵢᵢ)), a sum of non-negative
-    terms with 1 + rᵢᵢ r̃ᵢᵢ taken from its exact logarithm, so it stays finite and accurate
-    as rᵢᵢ r̃ᵢᵢ → −1 (floored at the smallest normal number only where it underflows).
+    Shapes: x (*batch, D), q (*p, D, M), r and rt (*p, M, M), b, one_plus_c and c (*p, M),
+    with cᵢ = rᵢᵢ r̃ᵢᵢ and ``one_plus_c`` = 1 + cᵢ taken from its exact logarithm
+    (:func:`sylvester_r`), floored at the smallest normal number. Each log-det term is
+    log((1 + cᵢ) − tanh²(sᵢ) cᵢ), a convex combination of 1 and 1 + cᵢ, so it stays finite
+    and accurate as cᵢ → −1. Unbatched parameters are folded into two D×M matrices first,
+    so the batch costs two matrix products instead of four.
     """
-    v = _rowmv(x, q)  # (*, M)
-    s = _rowmv(v, rt.mT) + b  # (*, M)
-    a = torch.tanh(s)
-    y = x + _rowmv(_rowmv(a, r.mT), q.mT)  # (*, D)
-    th2 = a * a
-    det = torch.addcmul(th2, 1 - th2, log1p_c.exp())  # tanh² + sech²(1 + rᵢᵢ r̃ᵢᵢ)
-    ladj = torch.log(det.clamp_min(torch.finfo(a.dtype).tiny)).sum(-1)
-    return y, ladj
+    if q.dim() == 2 and r.dim() == 2 and b.dim() == 1:
+        x2 = x.reshape(-1, x.shape[-1])
+        s = torch.addmm(b, x2, q @ rt.mT)  # (n, M)
+        a = torch.tanh(s)
+        y = torch.addmm(x2, a, (q @ r).mT).reshape(x.shape)
+    else:
+        v = _rowmv(x, q)  # (*, M)
+        s = _rowmv(v, rt.mT) + b  # (*, M)
+        a = torch.tanh(s)
+        y = x + _rowmv(_rowmv(a, r.mT), q.mT)  # (*, D)
+    ladj = torch.log(torch.addcmul(one_plus_c, a * a, c, value=-1)).sum(-1)
+    return y, ladj.reshape(y.shape[:-1])
 
 
 def _solve_component(t: Tensor, r_ii: Tensor, rt_ii: Tensor, c: Tensor) -> Tensor:
@@ -88,7 +114,7 @@ def _solve_component(t: Tensor, r_ii: Tensor, rt_ii: Tensor, c: Tensor) -> Tenso
 
 
 def _sylvester_inverse(
-    y: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor, log1p_c: Tensor
+    y: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor, one_plus_c: Tensor, c: Tensor
 ) -> Tensor:
     """Invert Sylvester at any point: with v' = Qᵀy, solve v' = v + R tanh(R̃ v + b).
 
@@ -130,11 +156,12 @@ def _init_raw_(spec: QSpec, raws: Sequence[Tensor]) -> None:
 
 
 def _params(spec: QSpec, raws: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """Constrained ``(Q, R, R̃, b, log1p_c)`` from the raw parameters."""
+    """Constrained ``(Q, R, R̃, b, 1 + c, c)``, c = diag(R) diag(R̃), from the raw parameters."""
     q_raw, r_off, rt_off, r_diag, rt_diag, b = raws
-    r, rt, log1p_c = sylvester_r(r_off, rt_off, r_diag, rt_diag)
-    q = spec.build(q_raw, b)
-    return q, r, rt, b, log1p_c
+    diags, c, log1p_c = _diag_terms(r_diag, rt_diag)
+    r, rt = upper_triangular_pair(r_off, rt_off, diags)
+    one_plus_c = log1p_c.exp().clamp_min(torch.finfo(log1p_c.dtype).tiny)
+    return spec.build(q_raw, b), r, rt, b, one_plus_c, c
 
 
 class Sylvester(FlowModule):
