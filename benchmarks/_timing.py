@@ -60,6 +60,38 @@ def time_fn(
     return 1e3 * statistics.median(times)
 
 
+def time_interleaved(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    repeats: int = 7,
+    warmup: int = 2,
+    budget_s: float = 3.0,
+    max_repeats: int = 200,
+) -> list[float]:
+    """Median wall times (ms) of several functions timed in alternation, round by round.
+
+    Interleaving puts every function under the same machine conditions (a background job,
+    frequency changes), so their ratio is steadier than from back-to-back blocks. Runs at
+    least ``repeats`` rounds and keeps going while under ``budget_s`` seconds, up to
+    ``max_repeats`` rounds, so fast configurations get many samples.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    spent = 0.0
+    while len(times[0]) < max_repeats and (len(times[0]) < repeats or spent < budget_s):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            ts.append(dt)
+            spent += dt
+    return [1e3 * statistics.median(ts) for ts in times]
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory of one call of ``fn`` in MiB above the level before it.
 

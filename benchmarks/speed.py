@@ -41,9 +41,16 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import device_name, fit_linear_r2, peak_memory_mb, time_fn  # noqa: E402
+from _timing import (  # noqa: E402
+    device_name,
+    fit_linear_r2,
+    peak_memory_mb,
+    time_fn,
+    time_interleaved,
+)
 
 from pyroflows import AutoFlowGuide  # noqa: E402
+from pyroflows.infer import Trainer  # noqa: E402
 from pyroflows.transforms import IAF, Planar, Radial, sylvester  # noqa: E402
 from pyroflows.vae import VAE  # noqa: E402
 
@@ -101,11 +108,11 @@ def section_flows(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         row["skipped"] = True
                         rows.append(row)
                         continue
-                    for tag, make in (("ours", ours), ("pyro", theirs)):
-                        fwd, rlp = stack_fns(make, k, d, b, device)
-                        row[f"{tag}_fwd"] = time_fn(fwd, device, args.repeats)
-                        row[f"{tag}_rlp"] = time_fn(rlp, device, args.repeats)
-                        row[f"{tag}_mem"] = peak_memory_mb(rlp, device)
+                    (fo, ro), (fp, rp) = (stack_fns(m, k, d, b, device) for m in (ours, theirs))
+                    t = time_interleaved([fo, fp, ro, rp], device, args.repeats)
+                    row["ours_fwd"], row["pyro_fwd"], row["ours_rlp"], row["pyro_rlp"] = t
+                    row["ours_mem"] = peak_memory_mb(ro, device)
+                    row["pyro_mem"] = peak_memory_mb(rp, device)
                     rows.append(row)
                     print(fmt_flow_row(row), flush=True)
     return rows
@@ -134,11 +141,26 @@ class _LinearPlanarHead(nn.Module):
         return tuple(torch.split(self.linear(h), [1, self.dim, self.dim], dim=-1))
 
 
-def vae_step_fn(vae: VAE, x: torch.Tensor) -> Callable[[], None]:
-    """One SVI step (Trace_ELBO, Adam) of ``vae`` on the batch ``x``."""
-    pyro.clear_param_store()
+def svi_step_fn(vae: VAE, x: torch.Tensor) -> Callable[[], None]:
+    """One Pyro SVI step (Trace_ELBO, ``pyro.optim.Adam``) of ``vae`` on the batch ``x``."""
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 5e-4}), Trace_ELBO())
-    return lambda: svi.step(x)
+
+    def step() -> None:
+        pyro.clear_param_store()  # several VAEs are timed in turn under the same names
+        svi.step(x)
+
+    return step
+
+
+def trainer_step_fn(vae: VAE, x: torch.Tensor) -> Callable[[], None]:
+    """One :class:`pyroflows.infer.Trainer` step (``elbo``, Adam) of ``vae`` on ``x``."""
+    trainer = Trainer(vae, x, optimizer="adam", lr=5e-4, progress=False, device=x.device)
+
+    def step() -> None:
+        pyro.clear_param_store()
+        trainer.step(x, 1.0)
+
+    return step
 
 
 def pyro_planar_vae(head: str, k: int, device: torch.device) -> VAE:
@@ -151,30 +173,79 @@ def pyro_planar_vae(head: str, k: int, device: torch.device) -> VAE:
     return vae.to(device)
 
 
+#: (flow, K, implementation, VAE factory, step factory); the implementations of one flow are
+#: timed interleaved. "pyroflows" is the full pyroflows stack (its VAE trained by its Trainer);
+#: "Pyro, same linear heads" is the same VAE (same encoder, decoder and parameter heads) with
+#: Pyro's ConditionalPlanar layers trained by Pyro's SVI.
+VAE_CASES = [
+    ("planar", 16, "pyroflows", lambda d: VAE(flow="planar", num_flows=16).to(d), trainer_step_fn),
+    (
+        "planar",
+        16,
+        "pyroflows, Pyro SVI",
+        lambda d: VAE(flow="planar", num_flows=16).to(d),
+        svi_step_fn,
+    ),
+    (
+        "planar",
+        16,
+        "Pyro, same linear heads",
+        lambda d: pyro_planar_vae("linear", 16, d),
+        svi_step_fn,
+    ),
+    (
+        "planar",
+        16,
+        "Pyro, same linear heads, pyroflows Trainer",
+        lambda d: pyro_planar_vae("linear", 16, d),
+        trainer_step_fn,
+    ),
+    (
+        "planar",
+        16,
+        "Pyro, conditional_planar()",
+        lambda d: pyro_planar_vae("dense", 16, d),
+        svi_step_fn,
+    ),
+    (
+        "sylvester-orthogonal",
+        8,
+        "pyroflows",
+        lambda d: VAE(flow="sylvester-orthogonal", num_flows=8).to(d),
+        trainer_step_fn,
+    ),
+    (
+        "sylvester-orthogonal",
+        8,
+        "pyroflows, Pyro SVI",
+        lambda d: VAE(flow="sylvester-orthogonal", num_flows=8).to(d),
+        svi_step_fn,
+    ),
+    ("none", 0, "pyroflows (no flow)", lambda d: VAE(flow="none").to(d), trainer_step_fn),
+    ("none", 0, "pyroflows (no flow), Pyro SVI", lambda d: VAE(flow="none").to(d), svi_step_fn),
+]
+
+
 def section_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for batch in args.vae_batches:
         x = torch.bernoulli(torch.full((batch, 784), 0.13, device=device))
-        cases = {
-            ("planar", 16, "pyroflows"): lambda: VAE(flow="planar", num_flows=16).to(device),
-            ("planar", 16, "Pyro, same linear heads"): lambda: pyro_planar_vae(
-                "linear", 16, device
-            ),
-            ("planar", 16, "Pyro, conditional_planar()"): lambda: pyro_planar_vae(
-                "dense", 16, device
-            ),
-            ("sylvester-orthogonal", 8, "pyroflows"): lambda: VAE(
-                flow="sylvester-orthogonal", num_flows=8
-            ).to(device),
-            ("none", 0, "pyroflows (no flow)"): lambda: VAE(flow="none").to(device),
-        }
-        for (flow, k, impl), build in cases.items():
-            pyro.set_rng_seed(0)
-            step = vae_step_fn(build(), x)
-            ms = time_fn(step, device, args.repeats, budget_s=10.0)
-            mem = peak_memory_mb(step, device)
-            rows.append({"flow": flow, "K": k, "impl": impl, "batch": batch, "ms": ms, "mem": mem})
-            print(f"VAE {flow} K={k} {impl} batch={batch}: {ms:.1f} ms, {mem:.1f} MiB", flush=True)
+        for flow in dict.fromkeys(c[0] for c in VAE_CASES):
+            cases = [c for c in VAE_CASES if c[0] == flow]
+            steps = []
+            for _, _, _, build, step_fn in cases:
+                pyro.set_rng_seed(0)
+                steps.append(step_fn(build(device), x))
+            times = time_interleaved(steps, device, args.repeats, budget_s=15.0, max_repeats=50)
+            for (_, k, impl, _, _), step, ms in zip(cases, steps, times, strict=True):
+                mem = peak_memory_mb(step, device)
+                rows.append(
+                    {"flow": flow, "K": k, "impl": impl, "batch": batch, "ms": ms, "mem": mem}
+                )
+                print(
+                    f"VAE {flow} K={k} {impl} batch={batch}: {ms:.1f} ms, {mem:.1f} MiB",
+                    flush=True,
+                )
     return rows
 
 

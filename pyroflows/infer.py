@@ -147,6 +147,16 @@ def log_likelihood(
     return total - math.log(num_samples)
 
 
+def module_elbo(module: nn.Module, x: Tensor, beta: float) -> Tensor:
+    """``module.elbo(x, beta)`` where the module defines it (a direct computation, e.g.
+    :meth:`pyroflows.vae.VAE.elbo`, without Pyro's tracing), else
+    ``elbo(module.model, module.guide, x, beta)``."""
+    direct = getattr(module, "elbo", None)
+    if callable(direct):
+        return direct(x, beta)
+    return elbo(module.model, module.guide, x, beta)
+
+
 def _batches(data: Tensor, batch_size: int) -> list[Tensor]:
     return list(torch.split(data, batch_size))
 
@@ -183,7 +193,7 @@ def evaluate(
     bar = tqdm(_batches(data, batch_size), desc="eval", leave=False, disable=_quiet(progress))
     for x in bar:
         x = x.to(device)
-        elbo_sum += elbo(module.model, module.guide, x)
+        elbo_sum += module_elbo(module, x, 1.0)
         if num_samples > 0:
             ll = log_likelihood(
                 module.model, module.guide, x, num_samples=num_samples, batch_samples=batch_samples
@@ -258,8 +268,9 @@ class Trainer:
     :math:`\beta_t = \min(t / T_{\text{warm-up}}, 1)` for epoch :math:`t = 1, 2, \dots`, then
     scores the validation set (β = 1). Training stops when the validation ELBO has not
     improved for ``early_stopping_epochs`` epochs after warm-up, and the best parameters are
-    restored. The step is :func:`elbo` (Pyro's Trace_ELBO estimator) with a torch optimizer
-    over ``module.parameters()``; the loss is read back (``.item()``) only every
+    restored. The step is :func:`elbo` (Pyro's Trace_ELBO estimator; ``module.elbo(x, beta)``
+    instead where the module defines one, as :class:`~pyroflows.vae.VAE` does) with a torch
+    optimizer over ``module.parameters()``; the loss is read back (``.item()``) only every
     ``log_every`` steps.
 
     Args:
@@ -346,7 +357,7 @@ class Trainer:
     def step(self, x: Tensor, beta: float) -> Tensor:
         """One optimizer step on a mini-batch; returns the detached batch ELBO (no sync)."""
         self.optimizer.zero_grad(set_to_none=True)
-        value = elbo(self.module.model, self.module.guide, x, beta)
+        value = module_elbo(self.module, x, beta)
         (-value / x.shape[0]).backward()
         self.optimizer.step()
         return value.detach()

