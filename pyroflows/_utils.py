@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -94,3 +95,19 @@ def monotone_root(
         # converged entries stay put: their Newton step is not strictly inside the bracket
         s = torch.where(done, s, torch.where(ok, newton, 0.5 * (lo + hi)))
     return s
+
+
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def cached_constant(factory: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Memoise a factory of constant tensors (keyed by its hashable arguments, e.g. sizes,
+    dtype and device), so hot paths do not rebuild them per call. While ``torch.compile``
+    traces, the factory is called directly (the graph then holds the constant)."""
+    cached = functools.lru_cache(maxsize=64)(factory)
+
+    @functools.wraps(factory)
+    def get(*args: object) -> Tensor:
+        return factory(*args) if _is_compiling() else cached(*args)
+
+    return get

@@ -16,7 +16,7 @@ RADIAL = "pyroflows/transforms/radial.py"
 MUTANTS = {  # name -> (file, original text, mutated text); -k selects the family's tests
     "planar: no constraint": (
         PLANAR,
-        "    return u + (gap / n2) * w, one_plus_c.squeeze(-1)",
+        "    return torch.addcmul(u, gap / n2, w), one_plus_c.squeeze(-1)",
         "    return u, 1 + a.squeeze(-1)",
     ),
     "planar: ladj + 0.01": (

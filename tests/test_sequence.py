@@ -127,3 +127,54 @@ def test_planar_stack_log_det_stays_exact_for_huge_and_tiny_one_plus_c():
         ladj = planar_stack(x, u, w, b, opc_t)[1]
         torch.testing.assert_close(ladj, torch.tensor(expected, dtype=torch.float64))
         torch.testing.assert_close(_planar(x, u[0], w[0], b[0], opc_t[0])[1], ladj)
+
+
+def _reference_u_hat(u, w):
+    """The constraint written in plain autograd-recorded operations."""
+    a = (w * u).sum(-1, keepdim=True)
+    a_neg = a.clamp(max=0)
+    n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    u_hat = u + ((torch.expm1(a_neg) - a_neg) / n2) * w
+    return u_hat, (torch.exp(a_neg) + a.clamp(min=0)).squeeze(-1)
+
+
+def test_planar_u_hat_matches_plain_autograd_and_passes_grad_and_gradgradcheck():
+    from pyroflows.transforms.planar import planar_u_hat
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64) * 2  # both signs of wᵀu
+    w = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    w[0, 0] = 0.0  # w = 0: û = u, no division by zero
+    u.requires_grad_()
+    w.requires_grad_()
+    got, ref = planar_u_hat(u, w), _reference_u_hat(u, w)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    probe = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    g_got = torch.autograd.grad([got[0], got[1]], [u, w], probe)
+    g_ref = torch.autograd.grad([ref[0], ref[1]], [u, w], probe)
+    for a, b in zip(g_got, g_ref, strict=True):  # a = 0 at w = 0: autograd's m'(0) = 2
+        torch.testing.assert_close(a[1:], b[1:])
+        torch.testing.assert_close(a[0, 1:], b[0, 1:])
+    # w = 0: û = u, 1 + m(0) = 1, ∂/∂u = ḡ and ∂/∂w = γ m'(0) u with m'(0) = 1
+    torch.testing.assert_close(got[0][0, 0], u[0, 0])
+    assert got[1][0, 0] == 1
+    torch.testing.assert_close(g_got[0][0, 0], probe[0][0, 0])
+    torch.testing.assert_close(g_got[1][0, 0], probe[1][0, 0] * u[0, 0])
+    small_u, small_w = u[1:].detach().requires_grad_(), w[1:].detach().requires_grad_()
+    assert torch.autograd.gradcheck(planar_u_hat, (small_u, small_w))
+    assert torch.autograd.gradgradcheck(planar_u_hat, (small_u, small_w))
+    # broadcasting u (D,) against a batch of w
+    u1 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(planar_u_hat, (u1, small_w))
+
+
+def test_planar_u_hat_derivative_at_the_identity_start_is_one():
+    """At u = 0 (every planar layer's start) wᵀu = 0 and d(1 + m(a))/da = m'(0) = 1; autograd
+    through two clamps (e^{min(a,0)} + max(a, 0)) would report 2 there."""
+    from pyroflows.transforms.planar import planar_u_hat
+
+    w = torch.tensor([0.6, -0.8], dtype=torch.float64)
+    u = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(planar_u_hat(u, w)[1], u)
+    torch.testing.assert_close(g, w)

@@ -6,7 +6,6 @@ tensor on the device and in the dtype of their input.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pyroflows._utils import check_positive_int
+from pyroflows._utils import cached_constant, check_positive_int
 
 KINDS = ("orthogonal", "householder", "triangular")
 BJORCK_MAX_ITER = 100
@@ -160,7 +159,7 @@ def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
     return eye.flip(-1) if permute else eye
 
 
-@functools.lru_cache(maxsize=32)
+@cached_constant
 def _triangular_pair_index(m: int, device: torch.device) -> Tensor:
     """Flat positions in a ``(2, M, M)`` buffer of [R's strict upper part (row-major),
     R̃'s, R's diagonal, R̃'s diagonal], the order :func:`upper_triangular_pair` packs."""

@@ -45,14 +45,14 @@ def _affine_iaf(x: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, Te
     """y = μ(x) + σ(x) ⊙ x (Kingma et al. 2016, Eq. 10); log|det J| = Σ log σ."""
     mu, s = _made_split(x, layers)
     sigma = _affine_scale(s, shift)
-    return mu + sigma * x, sigma.log().sum(-1)
+    return torch.addcmul(mu, sigma, x), sigma.log().sum(-1)
 
 
 def _gated_iaf(x: Tensor, layers: MadeLayers, forget_bias: float) -> tuple[Tensor, Tensor]:
     """y = σ ⊙ x + (1 − σ) ⊙ m (Kingma et al. 2016, Alg. 1); log|det J| = Σ log σ."""
     m, s = _made_split(x, layers)
     sigma = _gated_scale(s, forget_bias)
-    return m + sigma * (x - m), sigma.log().sum(-1)
+    return torch.addcmul(m, sigma, x - m), sigma.log().sum(-1)
 
 
 def _affine_iaf_inverse(y: Tensor, layers: MadeLayers, shift: float) -> Tensor:

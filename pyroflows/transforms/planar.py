@@ -36,12 +36,14 @@ def planar_u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         cancellation (it is :math:`e^a` for :math:`a < 0`), so the log-det stays accurate
         even where :math:`w^\top \hat u` itself rounds to :math:`-1`.
     """
-    a = (w * u).sum(-1, keepdim=True)  # (*batch, 1)
+    a = torch.linalg.vecdot(w, u).unsqueeze(-1)  # (*batch, 1)
     a_neg = a.clamp(max=0)
     gap = torch.expm1(a_neg) - a_neg  # m(a) - a; exactly 0 where a >= 0
-    n2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    one_plus_c = torch.exp(a_neg) + a.clamp(min=0)  # 1 + m(a)
-    return u + (gap / n2) * w, one_plus_c.squeeze(-1)
+    n2 = torch.linalg.vecdot(w, w).unsqueeze(-1).clamp_min(torch.finfo(w.dtype).tiny)
+    # 1 + m(a) = e^{min(a,0)} + max(a, 0), with max(a, 0) written as a − min(a, 0) so that
+    # autograd gives m'(0) = 1 at the identity start a = 0 (two clamps would give 2)
+    one_plus_c = torch.exp(a_neg) + (a - a_neg)
+    return torch.addcmul(u, gap / n2, w), one_plus_c.squeeze(-1)
 
 
 def _planar(
@@ -52,15 +54,14 @@ def _planar(
     The log-det is evaluated as log(tanh²(s) + (1 − tanh²(s))(1 + wᵀû)), a sum of
     non-negative terms, so it stays finite and accurate as wᵀû → −1.
     """
-    s = (x @ w if w.dim() == 1 else (x * w).sum(-1)) + b  # (*batch,)
+    s = (x @ w if w.dim() == 1 else torch.linalg.vecdot(x, w)) + b  # (*batch,)
     a = torch.tanh(s)
     y = torch.addcmul(x, u_hat, a.unsqueeze(-1))  # (*batch, D)
     # a convex combination of 1 and 1 + wᵀû, so >= min(1 + wᵀû, 1) > 0 after the floor,
     # in the form that stays exact for a huge 1 + wᵀû where tanh² rounds to 1
     th2 = a * a
-    return y, torch.log(
-        torch.addcmul(th2, 1 - th2, one_plus_c.clamp_min(torch.finfo(a.dtype).tiny))
-    )
+    det = torch.addcmul(th2, 1 - th2, one_plus_c.clamp_min(torch.finfo(a.dtype).tiny))
+    return y, torch.log(det)
 
 
 def _planar_inverse(y: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, one_plus_c: Tensor) -> Tensor:

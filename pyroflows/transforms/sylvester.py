@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyroflows._utils import (
+    cached_constant,
     check_context,
     check_hidden_dims,
     check_positive_int,
@@ -58,7 +58,7 @@ def sylvester_r(
     return r, rt, log1p_c
 
 
-@functools.lru_cache(maxsize=8)
+@cached_constant
 def _signs_cached(dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device)
 
