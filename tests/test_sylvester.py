@@ -80,16 +80,19 @@ def test_orthogonal_converges_without_warnings_at_random_parameters():
     torch.testing.assert_close(q.mT @ q, torch.eye(16).expand(50, 16, 16), rtol=0, atol=1e-5)
 
 
-def test_householder_product_is_the_product_of_reflections(device):
-    v = torch.randn(3, 4, 5, dtype=torch.float64, device=device)
-    v[0, 1] = 0.0  # an identity reflection
-    v[1, 2] *= 1e-200  # underflows a naive norm
-    v[2, 0] *= 1e200  # overflows a naive norm
+@pytest.mark.parametrize("num", [1, 2, 3, 4, 7])  # H <= 3: rank-one updates, else WY
+def test_householder_product_is_the_product_of_reflections(device, num):
+    v = torch.randn(3, num, 5, dtype=torch.float64, device=device)
+    v[0, -1] = 0.0  # an identity reflection
+    v[1, 0] *= 1e-200  # underflows a naive norm
+    v[2, num // 2] *= 1e200  # overflows a naive norm
     q = householder_product(v)
+    for i in range(3):  # unbatched calls take the same path
+        torch.testing.assert_close(householder_product(v[i]), q[i], rtol=0, atol=1e-13)
     eye = torch.eye(5, dtype=torch.float64, device=device)
     for i in range(3):
         expected = eye
-        for k in range(4):
+        for k in range(num):
             u = v[i, k] / v[i, k].abs().max() if v[i, k].any() else v[i, k]
             u = u / u.norm() if u.any() else u
             expected = expected @ (eye - 2 * torch.outer(u, u))

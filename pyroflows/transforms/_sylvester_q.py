@@ -121,12 +121,13 @@ class _PolarFn(torch.autograd.Function):
 def householder_product(v: Tensor) -> Tensor:
     r""":math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 \hat v_k \hat v_k^\top`, from ``v``.
 
-    ``v`` is ``(*batch, H, D)``; returns ``(*batch, D, D)``. Formed in compact WY form,
-    :math:`Q = I - U T U^\top` with :math:`U = [\hat v_1, \dots, \hat v_H]` and
-    :math:`T^{-1} = \tfrac12 I + \mathrm{striu}(U^\top U)` (Schreiber & Van Loan 1989;
-    Joffrain et al. 2006), so it costs three batched matrix products rather than H
-    sequential rank-one updates. A zero :math:`v_k` gives :math:`H_k = I` (no division by
-    zero), so :math:`Q` is orthogonal for any input.
+    ``v`` is ``(*batch, H, D)``; returns ``(*batch, D, D)``. For H > 3 it is formed in
+    compact WY form, :math:`Q = I - U T U^\top` with :math:`U = [\hat v_1, \dots, \hat v_H]`
+    and :math:`T^{-1} = \tfrac12 I + \mathrm{striu}(U^\top U)` (Schreiber & Van Loan 1989;
+    Joffrain et al. 2006): three batched matrix products rather than H sequential rank-one
+    updates; for H ≤ 3 the rank-one updates are cheaper than the triangular solve. A zero
+    :math:`v_k` gives :math:`H_k = I` (no division by zero), so :math:`Q` is orthogonal for
+    any input.
     """
     # rows scaled to max |entry| ~ 1 first, so the norm cannot overflow; zero rows stay zero
     tiny = torch.finfo(v.dtype).tiny
