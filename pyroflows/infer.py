@@ -147,13 +147,21 @@ def log_likelihood(
     return total - math.log(num_samples)
 
 
+def _owner(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO that defines attribute ``name``."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
 def module_elbo(module: nn.Module, x: Tensor, beta: float) -> Tensor:
     """``module.elbo(x, beta)`` where the module defines it (a direct computation, e.g.
     :meth:`pyroflows.vae.VAE.elbo`, without Pyro's tracing), else
-    ``elbo(module.model, module.guide, x, beta)``."""
-    direct = getattr(module, "elbo", None)
-    if callable(direct):
-        return direct(x, beta)
+    ``elbo(module.model, module.guide, x, beta)``. A subclass that overrides ``model`` or
+    ``guide`` but not ``elbo`` gets the traced ELBO of its own model and guide."""
+    cls = type(module)
+    owner = _owner(cls, "elbo")
+    if owner is not None and callable(module.elbo):
+        if all(issubclass(owner, _owner(cls, m) or object) for m in ("model", "guide")):
+            return module.elbo(x, beta)
     return elbo(module.model, module.guide, x, beta)
 
 

@@ -395,7 +395,8 @@ class VAE(nn.Module):
         The value of :func:`pyroflows.infer.elbo` ``(self.model, self.guide, x, beta)`` (the
         same draw of :math:`z` for the same RNG state), computed directly, without Pyro's
         tracing: :class:`~pyroflows.infer.Trainer` uses it, which saves ~1 ms per CPU step.
-        A subclass that changes ``model`` or ``guide`` must change this method too.
+        A subclass that overrides ``model`` or ``guide`` but not this method is trained with
+        the traced ELBO of its own model and guide instead.
         """
         q = self.encoder(x)
         z = q.rsample()

@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from torch import nn
 
 from pyroflows.infer import Trainer, elbo, evaluate, log_likelihood, log_weights
@@ -144,6 +145,32 @@ def test_adam_takes_the_same_steps_as_torch_adam():
         fast.module.named_parameters(), plain.module.parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_uses_the_traced_elbo_when_a_subclass_overrides_model_only():
+    """VAE.elbo is the shortcut for VAE's own model and guide; a subclass with another model
+    (here a likelihood scaled by 2) must be trained on that model's ELBO."""
+    from pyroflows.infer import module_elbo
+
+    class Scaled(VAE):
+        def model(self, x, beta=1.0):
+            with poutine.scale(scale=2.0):
+                super().model(x, beta)
+
+    torch.manual_seed(0)
+    vae = Scaled((4, 5), latent_dim=3, flow="planar", num_flows=2, hidden_dim=8).double()
+    x = torch.bernoulli(torch.full((6, 20), 0.3, dtype=torch.float64))
+    pyro.set_rng_seed(2)
+    got = module_elbo(vae, x, 1.0)
+    pyro.set_rng_seed(2)
+    torch.testing.assert_close(got, elbo(vae.model, vae.guide, x, 1.0))
+    pyro.set_rng_seed(2)
+    assert not torch.allclose(got, VAE.elbo(vae, x, 1.0))
+    plain = VAE((4, 5), latent_dim=3, flow="planar", num_flows=2, hidden_dim=8).double()
+    pyro.set_rng_seed(2)
+    direct = module_elbo(plain, x, 1.0)
+    pyro.set_rng_seed(2)
+    torch.testing.assert_close(direct, plain.elbo(x, 1.0))
 
 
 class Shift(nn.Module):
