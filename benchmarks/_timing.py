@@ -33,6 +33,14 @@ def _release_memory() -> None:
         pass
 
 
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn`` in seconds, synchronizing CUDA after it."""
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def time_fn(
     fn: Callable[[], object],
     device: torch.device,
@@ -51,12 +59,8 @@ def time_fn(
     times: list[float] = []
     spent = 0.0
     while len(times) < repeats and (len(times) < 3 or spent < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
+        times.append(_timed_call(fn, device))
+        spent += times[-1]
     return 1e3 * statistics.median(times)
 
 
@@ -83,12 +87,8 @@ def time_interleaved(
     spent = 0.0
     while len(times[0]) < max_repeats and (len(times[0]) < repeats or spent < budget_s):
         for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            dt = time.perf_counter() - t0
-            ts.append(dt)
-            spent += dt
+            ts.append(_timed_call(fn, device))
+            spent += ts[-1]
     return [1e3 * statistics.median(ts) for ts in times]
 
 
