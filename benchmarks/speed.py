@@ -230,6 +230,15 @@ VAE_CASES = [
 
 def section_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
+    for threads in args.vae_threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        rows += vae_rows(args, device, threads)
+    return rows
+
+
+def vae_rows(args: argparse.Namespace, device: torch.device, threads: int) -> list[dict]:
+    """Every VAE case at every ``--vae-batches`` size, with ``threads`` CPU threads."""
+    rows = []
     for batch in args.vae_batches:
         x = torch.bernoulli(torch.full((batch, 784), 0.13, device=device))
         for flow in dict.fromkeys(c[0] for c in VAE_CASES):
@@ -242,10 +251,12 @@ def section_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
             for (_, k, impl, _, _), step, ms in zip(cases, steps, times, strict=True):
                 mem = peak_memory_mb(step, device)
                 rows.append(
-                    {"flow": flow, "K": k, "impl": impl, "batch": batch, "ms": ms, "mem": mem}
+                    {"flow": flow, "K": k, "impl": impl, "batch": batch, "threads": threads}
+                    | {"ms": ms, "mem": mem}
                 )
                 print(
-                    f"VAE {flow} K={k} {impl} batch={batch}: {ms:.1f} ms, {mem:.1f} MiB",
+                    f"VAE {flow} K={k} {impl} batch={batch} threads={threads}:"
+                    f" {ms:.1f} ms, {mem:.1f} MiB",
                     flush=True,
                 )
     return rows
@@ -402,23 +413,17 @@ def write(args: argparse.Namespace, device: torch.device, res: dict) -> Path:
     if "vae" in res:
         lines += ["## 2. Amortized flow VAE: one SVI step (MLP 784-300-300, latent 64)", ""]
         lines += [
-            "| flow | K | implementation | batch | ms/step | ratio vs pyroflows | peak MiB |"
+            "| flow | K | implementation | batch | threads | ms/step | ratio vs pyroflows | peak MiB |"
         ]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for r in res["vae"]:
             ref = next(
-                (
-                    q
-                    for q in res["vae"]
-                    if q["flow"] == r["flow"]
-                    and q["batch"] == r["batch"]
-                    and q["impl"] == "pyroflows"
-                ),
+                (q for q in res["vae"] if _vae_key(q) == _vae_key(r) and q["impl"] == "pyroflows"),
                 None,
             )
             ratio = f"{r['ms'] / ref['ms']:.2f}" if ref else "—"
             lines.append(
-                f"| {r['flow']} | {r['K']} | {r['impl']} | {r['batch']} | {r['ms']:.1f} | {ratio} | {r['mem']:.1f} |"
+                f"| {r['flow']} | {r['K']} | {r['impl']} | {r['batch']} | {r.get('threads', '—')} | {r['ms']:.1f} | {ratio} | {r['mem']:.1f} |"
             )
         lines += [
             "",
@@ -476,19 +481,28 @@ def write(args: argparse.Namespace, device: torch.device, res: dict) -> Path:
     return out
 
 
+def _vae_key(r: dict) -> tuple:
+    """(flow, threads, batch): the rows of one VAE comparison (runs before threads: "—")."""
+    return r["flow"], r.get("threads", "—"), r["batch"]
+
+
 def targets(res: dict) -> list[str]:
     """The issue-8 targets, read off this run's results (nothing typed in by hand)."""
     lines = ["## Against the targets", ""]
     if "vae" in res:
-        for batch in sorted({r["batch"] for r in res["vae"]}):
-            ms = {r["impl"]: r["ms"] for r in res["vae"] if r["batch"] == batch and r["K"] == 16}
+        for threads, batch in sorted({_vae_key(r)[1:] for r in res["vae"]}, key=str):
+            ms = {
+                r["impl"]: r["ms"]
+                for r in res["vae"]
+                if _vae_key(r)[1:] == (threads, batch) and r["K"] == 16
+            }
             if "pyroflows" not in ms or "Pyro, same linear heads" not in ms:
                 continue
             ours, pyro_ms = ms["pyroflows"], ms["Pyro, same linear heads"]
             lines.append(
-                f"- Planar VAE step, K = 16, batch {batch}: pyroflows {ours:.1f} ms vs the same VAE"
-                f" built from Pyro's ConditionalPlanar and trained with Pyro's SVI"
-                f" {pyro_ms:.1f} ms: **{pyro_ms / ours:.2f}x**"
+                f"- Planar VAE step, K = 16, batch {batch}, {threads} CPU thread(s): pyroflows"
+                f" {ours:.1f} ms vs the same VAE built from Pyro's ConditionalPlanar and trained"
+                f" with Pyro's SVI {pyro_ms:.1f} ms: **{pyro_ms / ours:.2f}x**"
                 + (" (target: >= 2x)." if batch == 100 else ".")
             )
             if "Pyro, same linear heads, pyroflows Trainer" in ms:
@@ -556,6 +570,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-work", type=float, default=3e9, help="CPU skip threshold (mult-adds)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--vae-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="CPU thread counts for the VAE section, each timed in turn (default: --threads)",
+    )
     p.add_argument("--quick", action="store_true", help="a small grid for a smoke run")
     p.add_argument("--output", default=None)
     p.add_argument(

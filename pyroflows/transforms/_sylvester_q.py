@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from math import inf
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +41,14 @@ def _warn_not_converged(max_iter: int, err: float) -> None:
 def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
     r"""Orthonormalise the columns of ``a`` (``(*batch, D, M)``, M ≤ D) by Björck's iteration.
 
-    :math:`Q \leftarrow Q\,(I + \tfrac12 (I - Q^\top Q))`, started from
-    :math:`a / \|a\|_F` so every singular value lies in :math:`(0, 1]`, converges to the
-    orthonormal polar factor of ``a`` (linearly at rate 3/2 for small singular values, then
-    quadratically). Each matrix of the batch stops after the step taken when
+    :math:`Q \leftarrow Q\,(I + \tfrac12 (I - Q^\top Q))` converges to the orthonormal polar
+    factor of ``a`` for every start :math:`a / s` whose singular values lie in
+    :math:`(0, \sqrt 3)` (linearly at rate 3/2 for small singular values, then
+    quadratically). The scale :math:`s = \min(\|a\|_F, \sqrt{\|a\|_1 \|a\|_\infty})` bounds
+    the largest singular value, so the start's lie in :math:`(0, 1]`, and for a
+    near-orthonormal ``a`` (the ``I + A`` of O-SNF) they start far above the
+    :math:`1/\sqrt M` of the Frobenius norm alone (fewer steps: 7 instead of 10 for
+    ``I + 0.02 * noise``, 64 × 32). The batch stops after the step taken when every
     :math:`\|I - Q^\top Q\|_F \le \sqrt{\epsilon}`, which leaves it at rounding level.
 
     The iteration runs without recording a graph; the gradient is the exact derivative of
@@ -63,29 +68,33 @@ def bjorck_orthonormalize(a: Tensor, max_iter: int = BJORCK_MAX_ITER) -> Tensor:
     return _PolarFn.apply(a, max_iter).reshape(shape)
 
 
-def _bjorck_iterate(a: Tensor, max_iter: int) -> Tensor:
-    """Björck's iteration on ``(n, D, M)``, each matrix stopped once converged (no graph)."""
-    fro = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).tiny)
-    q = a / fro[:, None, None]
+def _bjorck_iterate(
+    a: Tensor, max_iter: int, check_every: int | None = None
+) -> tuple[Tensor, int]:
+    """Björck's iteration on ``(n, D, M)`` (entries at most 1 in size; no graph).
+
+    Returns ``(Q, steps taken)``. Convergence is checked after every ``check_every`` steps:
+    by default every step on the CPU and every fourth elsewhere, so the host waits on an
+    accelerator at most once per four steps (the extra steps at a converged Q change it only
+    at rounding level).
+    """
+    tiny = torch.finfo(a.dtype).tiny
+    spectral_bound = (torch.linalg.matrix_norm(a, 1) * torch.linalg.matrix_norm(a, inf)).sqrt()
+    scale = torch.minimum(torch.linalg.matrix_norm(a), spectral_bound).clamp_min(tiny)
+    q = a / scale[:, None, None]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     tol = math.sqrt(torch.finfo(a.dtype).eps)
-    active = torch.arange(q.shape[0], device=a.device)
-    done: list[tuple[Tensor, Tensor]] = []  # (indices, converged Q's)
-    for _ in range(max_iter):
-        e = eye - q.mT @ q  # (n_active, M, M)
-        conv = torch.linalg.matrix_norm(e) <= tol
-        q = q + 0.5 * (q @ e)
-        if bool(conv.any()):  # converged matrices leave the batch after this final step
-            done.append((active[conv], q[conv]))
-            active, q = active[~conv], q[~conv]
-        if active.numel() == 0:
-            break
-    else:
-        err = float(torch.linalg.matrix_norm(eye - q.mT @ q).amax())
-        _warn_not_converged(max_iter, err)
-        done.append((active, q))
-    idx, qs = (torch.cat(t) for t in zip(*done, strict=True))
-    return a.new_zeros(a.shape).index_copy(0, idx, qs)
+    every = check_every or (1 if a.device.type == "cpu" else 4)
+    for step in range(1, max_iter + 1):
+        e = torch.baddbmm(eye, q.mT, q, alpha=-1)  # I − QᵀQ
+        q = torch.baddbmm(q, q, e, alpha=0.5)
+        if (step % every == 0 or step == max_iter) and bool(
+            torch.linalg.matrix_norm(e).amax() <= tol
+        ):
+            return q, step
+    err = float(torch.linalg.matrix_norm(torch.baddbmm(eye, q.mT, q, alpha=-1)).amax())
+    _warn_not_converged(max_iter, err)
+    return q, max_iter
 
 
 class _PolarFn(torch.autograd.Function):
@@ -100,7 +109,7 @@ class _PolarFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, a: Tensor, max_iter: int) -> Tensor:
-        q = _bjorck_iterate(a.detach(), max_iter)
+        q, _ = _bjorck_iterate(a.detach(), max_iter)
         p = q.mT @ a.detach()
         ctx.save_for_backward(q, 0.5 * (p + p.mT))
         return q
