@@ -100,11 +100,30 @@ def monotone_root(
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+_CONSTANT_CACHES: list[functools._lru_cache_wrapper] = []
+
+
+def clear_constant_caches() -> None:
+    """Empty every :func:`cached_constant` cache (they rebuild on the next call)."""
+    for cache in _CONSTANT_CACHES:
+        cache.cache_clear()
+
+
 def cached_constant(factory: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Memoise a factory of constant tensors (keyed by its hashable arguments, e.g. sizes,
     dtype and device), so hot paths do not rebuild them per call. While ``torch.compile``
-    traces, the factory is called directly (the graph then holds the constant)."""
-    cached = functools.lru_cache(maxsize=64)(factory)
+    traces, the factory is called directly (the graph then holds the constant).
+
+    Constants are built outside inference mode even when first asked for inside
+    ``torch.inference_mode()``: an inference tensor could not be saved for backward by a
+    later call that records a graph."""
+
+    def build(*args: object) -> Tensor:
+        with torch.inference_mode(False):
+            return factory(*args)
+
+    cached = functools.lru_cache(maxsize=64)(build)
+    _CONSTANT_CACHES.append(cached)
 
     @functools.wraps(factory)
     def get(*args: object) -> Tensor:

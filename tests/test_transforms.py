@@ -154,6 +154,23 @@ def test_every_parameter_gets_a_finite_gradient(kind, name):
 
 
 @pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_trains_after_a_first_call_under_inference_mode(kind, name):
+    """Constants memoised during an inference-mode call are normal tensors: a later call
+    that records a graph can save them for backward."""
+    from pyroflows._utils import clear_constant_caches
+
+    module = randomize_(build(kind, name))
+    clear_constant_caches()
+    with torch.inference_mode():
+        transform_of(module, kind, (6,))(torch.randn(6, D, dtype=torch.float64))
+    t = transform_of(module, kind, (6,))
+    x = torch.randn(6, D, dtype=torch.float64)
+    y = t(x)
+    (y.sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
 def test_state_dict_round_trip(kind, name, tmp_path):
     module = randomize_(build(kind, name))
     path = tmp_path / "flow.pt"

@@ -24,7 +24,7 @@ _SEQUENTIAL_MAX_H = 3  # up to this many reflections, multiply them out one by o
 
 def _rescale(a: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Divide by the largest |entry| over ``dims`` (where nonzero), so norms cannot overflow."""
-    amax = a.abs().amax(dim=dims, keepdim=True)
+    amax = torch.linalg.vector_norm(a, inf, dim=dims, keepdim=True)  # max |entry|
     return a / torch.where(amax > 0, amax, torch.ones_like(amax))
 
 
@@ -127,6 +127,11 @@ class _PolarFn(torch.autograd.Function):
         return grad, None
 
 
+@cached_constant
+def _eye(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(d, dtype=dtype, device=device)
+
+
 def householder_product(v: Tensor) -> Tensor:
     r""":math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 \hat v_k \hat v_k^\top`, from ``v``.
 
@@ -140,14 +145,15 @@ def householder_product(v: Tensor) -> Tensor:
     """
     # rows scaled to max |entry| ~ 1 first, so the norm cannot overflow; zero rows stay zero
     tiny = torch.finfo(v.dtype).tiny
-    v = v / v.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    v = v / torch.linalg.vector_norm(v, inf, dim=-1, keepdim=True).clamp_min(tiny)
     u = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)  # (*b, H, D)
     h, d = u.shape[-2:]
-    eye = torch.eye(d, dtype=v.dtype, device=v.device)
+    eye = _eye(d, v.dtype, v.device)  # shared: only read (every use below is out of place)
     if h <= _SEQUENTIAL_MAX_H:  # a few rank-one updates beat the triangular solve
         if u.dim() == 2:
-            q = torch.addr(eye, u[0], u[0], alpha=-2)
-            for uk in u[1:]:
+            u0, *rest = u.unbind(0)
+            q = torch.addr(eye, u0, u0, alpha=-2)
+            for uk in rest:
                 q = torch.addr(q, q @ uk, uk, alpha=-2)
             return q
         q = eye
