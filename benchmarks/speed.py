@@ -10,6 +10,8 @@ Sections (each row: ours, Pyro's, ratio = Pyro time / ours, so > 1 means we are 
 2. one SVI step of the amortized flow VAE (K = 16 planar, K = 8 orthogonal Sylvester; batch 100
    and 1000) against the same VAE with Pyro's ``ConditionalPlanar`` layers, both with the
    identical linear parameter heads and as built by Pyro's own ``conditional_planar`` helper;
+   at each of ``--vae-threads`` CPU thread counts (GEMMs scale with threads, per-operation
+   overhead does not, so the ratio depends on the count);
 3. ``AutoFlowGuide`` SVI steps per second against ``AutoIAFNormal`` and
    ``AutoNormalizingFlow`` on Neal's funnel with 10 and 1000 latent dimensions;
 4. scaling: time against K and batch with a least-squares line and its R²;
