@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,8 @@ def monotone_root(
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+T = TypeVar("T")
+
 _CONSTANT_CACHES: list[functools._lru_cache_wrapper] = []
 
 
@@ -109,16 +112,17 @@ def clear_constant_caches() -> None:
         cache.cache_clear()
 
 
-def cached_constant(factory: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Memoise a factory of constant tensors (keyed by its hashable arguments, e.g. sizes,
-    dtype and device), so hot paths do not rebuild them per call. While ``torch.compile``
-    traces, the factory is called directly (the graph then holds the constant).
+def cached_constant(factory: Callable[..., T]) -> Callable[..., T]:
+    """Memoise a factory of constant tensors or tuples of them (keyed by its hashable
+    arguments, e.g. sizes, dtype and device), so hot paths do not rebuild them per call.
+    While ``torch.compile`` traces, the factory is called directly (the graph then holds
+    the constant).
 
     Constants are built outside inference mode even when first asked for inside
     ``torch.inference_mode()``: an inference tensor could not be saved for backward by a
     later call that records a graph."""
 
-    def build(*args: object) -> Tensor:
+    def build(*args: object) -> T:
         with torch.inference_mode(False):
             return factory(*args)
 
@@ -126,7 +130,7 @@ def cached_constant(factory: Callable[..., Tensor]) -> Callable[..., Tensor]:
     _CONSTANT_CACHES.append(cached)
 
     @functools.wraps(factory)
-    def get(*args: object) -> Tensor:
+    def get(*args: object) -> T:
         return factory(*args) if _is_compiling() else cached(*args)
 
     return get

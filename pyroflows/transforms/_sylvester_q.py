@@ -132,6 +132,11 @@ def _eye(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(d, dtype=dtype, device=device)
 
 
+@cached_constant
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
 def householder_product(v: Tensor) -> Tensor:
     r""":math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 \hat v_k \hat v_k^\top`, from ``v``.
 
@@ -207,8 +212,10 @@ def upper_triangular_pair(r_off: Tensor, rt_off: Tensor, diags: Tensor) -> tuple
         batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts))
         parts = [t.expand(*batch, t.shape[-1]) for t in parts]
     vals = torch.cat(parts, dim=-1)
-    flat = vals.new_zeros(*vals.shape[:-1], 2 * m * m)
-    flat = flat.index_copy(-1, _triangular_pair_index(m, vals.device), vals)
+    zeros = _zeros(2 * m * m, vals.dtype, vals.device)  # shared: index_copy is out of place
+    if vals.dim() > 1:
+        zeros = zeros.expand(*vals.shape[:-1], 2 * m * m)
+    flat = zeros.index_copy(-1, _triangular_pair_index(m, vals.device), vals)
     r, rt = flat.unflatten(-1, (2, m, m)).unbind(-3)
     return r, rt
 

@@ -27,16 +27,22 @@ def _diag_terms(r_diag: Tensor, rt_diag: Tensor) -> tuple[Tensor, Tensor, Tensor
     r"""``(tanh of both diagonals (*batch, 2M), rᵢᵢ r̃ᵢᵢ, log(1 + rᵢᵢ r̃ᵢᵢ))``.
 
     :math:`1 + \tanh a \tanh \tilde a = 2\sigma(2a)\sigma(2\tilde a)/\sigma(2a + 2\tilde a)`,
-    so its logarithm is a signed sum of log-sigmoids (:math:`\log 2 = -\log\sigma(0)`),
-    exact even where the tanh's round to ±1. Tensor-tensor arithmetic only: on the CPU a
-    Python scalar operand costs an extra tensor per operation.
+    so its logarithm is a signed sum of log-sigmoids plus :math:`\log 2`, exact even where
+    the tanh's round to ±1. Few operations, with tensor operands only: at the small sizes
+    where this matters each one costs microseconds of dispatch, and on the CPU a Python
+    scalar operand costs an extra tensor per operation.
     """
     if r_diag.shape != rt_diag.shape:
         r_diag, rt_diag = torch.broadcast_tensors(r_diag, rt_diag)
-    zero = torch.zeros_like(r_diag)  # log σ(0) = −log 2
-    a = torch.stack([r_diag, rt_diag, r_diag + rt_diag, zero], dim=-2)  # (*batch, 4, M)
+    a = torch.stack([r_diag, rt_diag, r_diag + rt_diag], dim=-2)  # (*batch, 3, M)
     th = torch.tanh(a[..., :2, :])
-    return th.flatten(-2), th.prod(-2), _signs(a) @ F.logsigmoid(a + a)
+    log_sig = F.logsigmoid(a + a)
+    signs, log2 = _signs(a.shape[-1], a.dtype, a.device)
+    if log_sig.dim() == 2:  # log 2 + Σ ± log σ in one matrix-vector product
+        log1p_c = torch.addmv(log2, log_sig.mT, signs)
+    else:
+        log1p_c = torch.matmul(signs, log_sig) + log2
+    return th.flatten(-2), th.prod(-2), log1p_c
 
 
 def sylvester_r(
@@ -59,12 +65,10 @@ def sylvester_r(
 
 
 @cached_constant
-def _signs_cached(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=dtype, device=device)
-
-
-def _signs(like: Tensor) -> Tensor:
-    return _signs_cached(like.dtype, like.device)
+def _signs(m: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The signs (+, +, −) of the log-sigmoids in log(1 + c), and log 2 repeated M times."""
+    signs = torch.tensor([1.0, 1.0, -1.0], dtype=dtype, device=device)
+    return signs, torch.full((m,), math.log(2.0), dtype=dtype, device=device)
 
 
 def _rowmv(x: Tensor, a: Tensor) -> Tensor:
