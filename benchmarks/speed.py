@@ -438,7 +438,10 @@ def write(args: argparse.Namespace, device: torch.device, res: dict) -> Path:
             " Pyro's conditional transforms; *..., pyroflows Trainer* that VAE under our Trainer"
             " (isolates the flows); *Pyro, conditional_planar()* Pyro's own helper (a DenseNN"
             " hypernetwork [10D, 10D] per layer). All use Adam, lr 5e-4.",
-            " Pyro has no conditional Sylvester transform, so that row has no Pyro counterpart.",
+            " Pyro has no conditional Sylvester transform, so that row has no Pyro counterpart."
+            " The VAE ratios move between runs more than the flow rows: Pyro's step is mostly"
+            " per-operation overhead and ours mostly matrix products, and the two slow down"
+            " differently when this shared machine is busy.",
             "",
         ]
     if "guides" in res:

@@ -59,7 +59,7 @@ def test_bjorck_gives_the_orthonormal_polar_factor(device):
     torch.testing.assert_close(q32.mT @ q32, eye.float().expand(5, 3, 3), rtol=0, atol=1e-5)
 
 
-def test_bjorck_starts_near_one_for_a_near_orthonormal_matrix():
+def test_bjorck_scale_bound_takes_fewer_steps_near_orthonormal():
     """The bound √(‖a‖₁‖a‖_∞) on the largest singular value starts I + A's singular values
     at ~0.6 rather than ~1/√M (the Frobenius norm alone): 7 steps here instead of 10.
     Checking every fourth step (the accelerator setting) gives the same Q to rounding."""
