@@ -23,9 +23,10 @@ _SEQUENTIAL_MAX_H = 3  # up to this many reflections, multiply them out one by o
 
 
 def _rescale(a: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Divide by the largest |entry| over ``dims`` (where nonzero), so norms cannot overflow."""
+    """Divide by the largest |entry| over ``dims`` (floored at the smallest normal number, so
+    zero blocks stay zero), so norms cannot overflow."""
     amax = torch.linalg.vector_norm(a, inf, dim=dims, keepdim=True)  # max |entry|
-    return a / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return a / amax.clamp_min(torch.finfo(a.dtype).tiny)
 
 
 def _warn_not_converged(max_iter: int, err: float) -> None:
@@ -82,7 +83,7 @@ def _bjorck_iterate(
     spectral_bound = (torch.linalg.matrix_norm(a, 1) * torch.linalg.matrix_norm(a, inf)).sqrt()
     scale = torch.minimum(torch.linalg.matrix_norm(a), spectral_bound).clamp_min(tiny)
     q = a / scale[:, None, None]
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    eye = _eye(a.shape[-1], a.dtype, a.device)
     tol = math.sqrt(torch.finfo(a.dtype).eps)
     every = check_every or (1 if a.device.type == "cpu" else 4)
     for step in range(1, max_iter + 1):
@@ -148,9 +149,8 @@ def householder_product(v: Tensor) -> Tensor:
     :math:`v_k` gives :math:`H_k = I` (no division by zero), so :math:`Q` is orthogonal for
     any input.
     """
-    # rows scaled to max |entry| ~ 1 first, so the norm cannot overflow; zero rows stay zero
+    v = _rescale(v, (-1,))  # rows at max |entry| 1 first: the norm cannot overflow
     tiny = torch.finfo(v.dtype).tiny
-    v = v / torch.linalg.vector_norm(v, inf, dim=-1, keepdim=True).clamp_min(tiny)
     u = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)  # (*b, H, D)
     h, d = u.shape[-2:]
     eye = _eye(d, v.dtype, v.device)  # shared: only read (every use below is out of place)
