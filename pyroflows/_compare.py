@@ -1,4 +1,8 @@
-r"""Guide-versus-reference comparison (see :func:`pyroflows.diagnostics.compare`)."""
+r"""Guide-versus-reference comparison (see :func:`pyroflows.diagnostics.compare`).
+
+Imports nothing from :mod:`pyroflows.diagnostics`; a guide is turned into draws by the
+``to_data`` callable that :func:`~pyroflows.diagnostics.compare` passes in.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from pyro.infer import MCMC
+
+from pyroflows import _arviz
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +46,8 @@ class Comparison:
     labels: tuple[str, str] = ("guide", "reference")
 
     def _worst(self, column: str) -> float:
-        return float(np.nanmax(np.abs(self.metrics[column])))
+        """Largest absolute value; NaN (e.g. a constant reference) is the worst, not skipped."""
+        return float(np.max(np.abs(self.metrics[column])))
 
     @property
     def worst_mean_error(self) -> float:
@@ -135,7 +142,7 @@ class Comparison:
         return [p for i, p in enumerate(self.params) if i in top]
 
 
-def _as_numpy(value: Any, name: str) -> np.ndarray:
+def _as_numpy(value: Any, name: str, role: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     arr = np.asarray(value, dtype=np.float64)
@@ -143,29 +150,34 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
         raise ValueError(
             f"draws of {name!r} must have shape (num_draws >= 2, *shape); got {arr.shape}"
         )
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(
+            f"{role} draws of {name!r} contain {bad} non-finite values (NaN or inf) out of "
+            f"{arr.size}; remove the failed draws or fix the sampler before comparing"
+        )
     return arr
 
 
-def _site_draws(
-    obj: Any, role: str, model: Callable | None, args: tuple, kwargs: dict, num_samples: int
+def site_draws(
+    obj: Any, role: str, to_data: Callable[[Any], Any] | None = None
 ) -> dict[str, np.ndarray]:
-    """Draws ``(N, *shape)`` per site from a dict, an MCMC run, ArviZ data or a guide."""
-    from pyroflows.diagnostics import _group_arrays, _is_arviz_data, to_inference_data
+    """Draws ``(N, *shape)`` per site from a dict, an MCMC run, ArviZ data or a guide.
 
-    if _is_arviz_data(obj):  # before Mapping: InferenceData is a Mapping of groups
-        arrays = _group_arrays(obj, "posterior")
-        return {k: _as_numpy(v.reshape(-1, *v.shape[2:]), k) for k, v in arrays.items()}
+    A guide is accepted only when ``to_data`` is given: ``to_data(guide)`` returns its draws
+    as ArviZ data. Non-finite draws raise a ``ValueError`` naming the site.
+    """
+    if _arviz.is_arviz_data(obj):  # before Mapping: InferenceData is a Mapping of groups
+        arrays = _arviz.group_arrays(obj, "posterior")
+        return {k: _as_numpy(v.reshape(-1, *v.shape[2:]), k, role) for k, v in arrays.items()}
     if isinstance(obj, Mapping):
-        return {str(k): _as_numpy(v, str(k)) for k, v in obj.items()}
+        return {str(k): _as_numpy(v, str(k), role) for k, v in obj.items()}
     if isinstance(obj, MCMC):
-        return {k: _as_numpy(v, k) for k, v in obj.get_samples().items()}
-    if callable(obj) and role == "approx":
-        if model is None:
-            raise TypeError("compare(guide, reference, model, ...) needs the model for a guide")
-        data = to_inference_data(obj, model, *args, num_samples=num_samples, **kwargs)
-        return _site_draws(data, role, None, (), {}, num_samples)
+        return {k: _as_numpy(v, k, role) for k, v in obj.get_samples().items()}
+    if callable(obj) and to_data is not None:
+        return site_draws(to_data(obj), role)
     kinds = "a dict of arrays, a pyro.infer.MCMC, ArviZ data" + (
-        " or a Pyro guide" if role == "approx" else ""
+        " or a Pyro guide" if to_data is not None else ""
     )
     raise TypeError(f"{role} must be {kinds}; got {type(obj).__name__}")
 
@@ -220,58 +232,19 @@ def _metrics(z: np.ndarray, r: np.ndarray) -> tuple[float, ...]:
     return (m, s, mz, sz, *scaled.tolist())
 
 
-def compare(
-    approx: Any,
-    reference: Any,
-    model: Callable | None = None,
-    *args: Any,
-    num_samples: int = 4000,
-    var_names: Sequence[str] | None = None,
-    labels: tuple[str, str] = ("guide", "reference"),
-    **kwargs: Any,
+def comparison(
+    approx: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    var_names: Sequence[str] | None,
+    labels: tuple[str, str],
 ) -> Comparison:
-    r"""Compare approximate posterior draws with NUTS or reference draws, per parameter.
-
-    For every scalar component, with reference mean :math:`\bar r` and sd :math:`s`:
-    ``mean_error`` :math:`= (\bar z - \bar r)/s`, ``sd_error`` :math:`= (s_z - s)/s` and
-    ``wasserstein`` :math:`= W_1(z, r)/s`. Draws are pooled over chains.
-
-    Args:
-        approx: A Pyro guide (then pass ``model`` and its arguments), ArviZ data (e.g. from
-            :func:`to_inference_data`), a ``pyro.infer.MCMC`` run or a dict of draws
-            ``{site: array (num_draws, *shape)}``.
-        reference: The same kinds except a guide: typically a NUTS run or reference draws.
-        model: The model, needed only when ``approx`` is a guide.
-        *args: Positional arguments of the model and guide.
-        num_samples: Number of guide draws when ``approx`` is a guide.
-        var_names: Sites to compare; default: every site present in both.
-        labels: Display names of the approximation and the reference.
-        **kwargs: Keyword arguments of the model and guide.
-
-    Returns:
-        A :class:`Comparison`: ``print`` it, use ``.table`` (a DataFrame when pandas is
-        installed), ``.worst_sd_error`` etc., and ``.plot()`` for the pair plot.
-
-    Example:
-        >>> import numpy as np
-        >>> rng = np.random.default_rng(0)
-        >>> ref = {"mu": rng.normal(0.0, 1.0, 4000)}
-        >>> result = compare({"mu": rng.normal(0.0, 2.0, 4000)}, ref)
-        >>> round(result.worst_sd_error, 1)
-        1.0
-        >>> compare(ref, ref).worst_mean_error
-        0.0
-    """
-    if not (isinstance(labels, tuple) and len(labels) == 2):
-        raise TypeError(f"labels must be a tuple of two strings; got {labels!r}")
-    a = _site_draws(approx, "approx", model, args, kwargs, num_samples)
-    r = _site_draws(reference, "reference", None, (), {}, num_samples)
-    sites = _select_sites(a, r, var_names)
-    ca, cr = _components(a, sites), _components(r, sites)
+    """The :class:`Comparison` of two dicts of draws ``{site: (N, *shape)}``."""
+    sites = _select_sites(approx, reference, var_names)
+    ca, cr = _components(approx, sites), _components(reference, sites)
     params = tuple(cr)
     rows = np.array([_metrics(ca[p], cr[p]) for p in params], dtype=np.float64)  # (P, 7)
     metrics = {c: rows[:, i] for i, c in enumerate(METRICS)}
     return Comparison(params, metrics, ca, cr, (str(labels[0]), str(labels[1])))
 
 
-__all__ = ["METRICS", "Comparison", "compare"]
+__all__ = ["METRICS", "Comparison", "comparison", "site_draws"]

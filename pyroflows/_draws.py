@@ -47,6 +47,7 @@ class Draws:
     log_q: np.ndarray  # (S,) log q(z)
     method: str  # how the guide and the model were evaluated
     layouts: dict[str, Layout]
+    point_masses: list[str]  # latent sites equal in every draw (e.g. AutoDelta's)
 
 
 def _trace_pair(
@@ -172,7 +173,9 @@ class Sampler:
     ) -> Draws:
         del gvals
         out = {s: values[s].reshape(-1, *self.layouts[s].shape).cpu().numpy() for s in self.sites}
-        return Draws(out, log_p, log_q, method, self.layouts)
+        n = len(log_p)
+        point = [s for s in self.latents if n > 1 and (out[s] == out[s][:1]).all()]
+        return Draws(out, log_p, log_q, method, self.layouts, point)
 
     def _in_plate(self, fn: Callable, n: int) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:

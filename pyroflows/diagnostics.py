@@ -11,22 +11,22 @@ Three questions, each answered in a line or two:
   parameter: error of the mean and of the sd in reference-sd units and a 1-D Wasserstein
   distance, plus a pair plot.
 
-ArviZ is imported lazily (it takes seconds), and the differences between ArviZ 0.x
-(``InferenceData``) and ArviZ >= 1 (``xarray.DataTree``) are confined to the three small
-functions ``_from_dict``, ``_group_arrays`` and ``_psislw``.
+ArviZ is imported lazily (it takes seconds), and every difference between ArviZ 0.x
+(``InferenceData``) and ArviZ >= 1 (``xarray.DataTree``) is confined to the private module
+``pyroflows._arviz``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pyroflows._compare import Comparison, compare
+from pyroflows import _arviz
+from pyroflows._compare import Comparison, comparison, site_draws
 from pyroflows._draws import Sampler
 from pyroflows._utils import check_positive_int
 
@@ -35,56 +35,6 @@ __all__ = ["Comparison", "PSISResult", "compare", "psis", "to_inference_data"]
 KHAT_GOOD = 0.5
 KHAT_USABLE = 0.7
 _MIN_PSIS_DRAWS = 25  # PSIS fits a Pareto tail of min(0.2 S, 3 sqrt(S)) >= 5 draws
-_DRAW_PLATE = "_pyroflows_draws"
-
-
-# ---------------------------------------------------------------- ArviZ version differences
-def _arviz() -> Any:
-    """Import ArviZ lazily, silencing only its once-a-day "undergoing a major refactor" note."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning
-        )
-        import arviz
-    return arviz
-
-
-def _from_dict(
-    groups: dict[str, dict[str, np.ndarray]],
-    dims: dict[str, list[str]],
-    coords: dict[str, np.ndarray],
-    attrs: dict[str, str],
-) -> Any:
-    """``az.from_dict`` on either ArviZ: InferenceData on 0.x, DataTree on >= 1."""
-    az = _arviz()
-    if int(az.__version__.split(".")[0]) >= 1:
-        return az.from_dict(groups, dims=dims, coords=coords, attrs={"posterior": attrs})
-    return az.from_dict(**groups, dims=dims, coords=coords, posterior_attrs=attrs)
-
-
-def _is_arviz_data(obj: object) -> bool:
-    return type(obj).__name__ in ("InferenceData", "DataTree")
-
-
-def _group_arrays(data: Any, group: str) -> dict[str, np.ndarray]:
-    """Variables of one group of InferenceData or DataTree as ``(chain, draw, *shape)``."""
-    try:
-        node = data[group]
-    except KeyError:
-        raise ValueError(f"the ArviZ data has no {group!r} group") from None
-    return {str(name): np.asarray(node[name].values) for name in node.data_vars}
-
-
-def _psislw(log_w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Pareto-smoothed, self-normalised log weights and k-hat of raw log ratios ``(S,)``."""
-    az = _arviz()
-    if hasattr(az, "psislw"):  # ArviZ < 1
-        lw, khat = az.psislw(log_w, reff=1.0)
-    else:  # ArviZ >= 1: arviz-stats expects log-likelihoods and negates them itself
-        from arviz_stats.base import array_stats
-
-        lw, khat = array_stats.psislw(-log_w, r_eff=1.0)
-    return np.asarray(lw, dtype=np.float64), float(khat)
 
 
 def to_inference_data(
@@ -101,9 +51,11 @@ def to_inference_data(
     every latent site of the model and every ``pyro.deterministic`` site, in constrained
     space, one variable per site with shape ``(1 chain, num_samples, *site_shape)``; batch
     dims inside a ``pyro.plate`` are named after the plate (with integer coords), other dims
-    ``<site>_dim_<k>``. ``sample_stats`` holds ``lp`` (:math:`\log p(x, z)`, ArviZ's name),
-    ``log_q`` (:math:`\log q(z)`) and ``log_weight`` (:math:`\log p(x, z) - \log q(z)`, the
-    importance log-ratio that :func:`psis` smooths).
+    ``<site>_dim_<k>``. ``posterior.attrs["point_mass_sites"]`` names the latent sites whose
+    draws are all equal (a point-mass guide such as ``AutoDelta``). ``sample_stats`` holds
+    ``lp`` (:math:`\log p(x, z)`, ArviZ's name), ``log_q`` (:math:`\log q(z)`) and
+    ``log_weight`` (:math:`\log p(x, z) - \log q(z)`, the importance log-ratio that
+    :func:`psis` smooths).
 
     Args:
         guide: A Pyro guide: any autoguide or a guide function taking the model's arguments.
@@ -155,8 +107,9 @@ def to_inference_data(
         "inference_library": "pyro",
         "draws": "independent draws from the guide",
         "draw_method": draws.method,
+        "point_mass_sites": ", ".join(draws.point_masses),
     }
-    return _from_dict({"posterior": posterior, "sample_stats": stats}, dims, coords, attrs)
+    return _arviz.from_dict({"posterior": posterior, "sample_stats": stats}, dims, coords, attrs)
 
 
 # ---------------------------------------------------------------- PSIS
@@ -165,14 +118,18 @@ class PSISResult:
     r"""Pareto-smoothed importance sampling diagnostic of a guide (Yao et al. 2018).
 
     Attributes:
-        khat: Estimated Pareto shape of the importance-ratio tail; ``-inf`` when every ratio
-            is equal (the guide is the exact posterior up to a constant).
+        khat: Estimated Pareto shape of the importance-ratio tail. When the ratios are equal
+            up to floating-point rounding (see ``exact``) no tail can be fitted and ``khat``
+            is -1, the shape of a bounded (uniform) tail.
         ess: Importance-sampling effective sample size of the smoothed weights,
             :math:`1 / \sum_i w_i^2`.
         num_samples: Number of guide draws used.
         means: PSIS-corrected posterior means :math:`\sum_i w_i z_i`, per site.
         guide_means: Plain guide means, per site, for contrast.
         log_weights: Smoothed, self-normalised log importance weights, shape ``(S,)``.
+        exact: Whether every ratio was equal up to rounding (spread at most
+            ``64 * eps * max(1, |log p|, |log q|)`` in the draws' float precision): the guide
+            is the exact posterior up to a constant and the weights are uniform.
     """
 
     khat: float
@@ -181,6 +138,7 @@ class PSISResult:
     means: dict[str, np.ndarray]
     guide_means: dict[str, np.ndarray]
     log_weights: np.ndarray
+    exact: bool = False
 
     @property
     def band(self) -> str:
@@ -191,7 +149,9 @@ class PSISResult:
 
     def __str__(self) -> str:
         advice = {
-            "good": "< 0.5: the guide is close to the posterior",
+            "good": "ratios equal up to rounding: the guide is the exact posterior"
+            if self.exact
+            else "< 0.5: the guide is close to the posterior",
             "usable": "< 0.7: usable; PSIS-corrected estimates are reliable",
             "unreliable": ">= 0.7: the guide misses posterior mass; do not trust it",
         }[self.band]
@@ -227,7 +187,14 @@ def psis(
     Draws :math:`z_i \sim q`, forms the ratios :math:`\log p(x, z_i) - \log q(z_i)` and
     smooths their upper tail with ArviZ's PSIS. The fitted Pareto shape :math:`\hat k` says
     how far the guide is from the posterior: < 0.5 good, < 0.7 usable (PSIS-corrected
-    estimates are reliable), >= 0.7 unreliable.
+    estimates are reliable), >= 0.7 unreliable. Ratios that are equal up to floating-point
+    rounding (an exact guide) are not fitted: the weights are uniform, ``khat`` is -1 and
+    ``exact`` is True, on every ArviZ version.
+
+    PSIS needs a guide with a density: a point-mass guide (``AutoDelta``, or any guide
+    whose draws of a latent site are all equal) raises a ``ValueError``, since its
+    importance ratios say nothing about the posterior; use :func:`compare` against reference
+    draws instead.
 
     Args:
         guide: A Pyro guide, or ArviZ data returned by :func:`to_inference_data` (then
@@ -254,7 +221,7 @@ def psis(
         | Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018)
         | https://arxiv.org/abs/1802.02538
     """
-    if _is_arviz_data(guide):
+    if _arviz.is_arviz_data(guide):
         if model is not None or args or kwargs:
             raise ValueError("psis(data) takes no model or model arguments; got some")
         data = guide
@@ -268,8 +235,35 @@ def psis(
     return _psis_from_data(data)
 
 
+_KHAT_EXACT = -1.0  # Pareto shape of a bounded (uniform) tail, reported for equal ratios
+
+
+def _check_not_point_mass(data: Any) -> None:
+    sites = str(data["posterior"].attrs.get("point_mass_sites", ""))
+    if sites:
+        raise ValueError(
+            f"PSIS does not apply to a point-mass guide: every draw of the latent site(s) "
+            f"{sites} is the same value (e.g. AutoDelta), so log q is not a density and "
+            "k-hat says nothing about the posterior; use compare() against reference draws, "
+            "or a guide with a density (AutoNormal, AutoFlowGuide)"
+        )
+
+
+def _rounding_tolerance(data: Any, stats: dict[str, np.ndarray], log_w: np.ndarray) -> float:
+    """Largest spread of log-ratios explained by floating-point rounding alone."""
+    post = _arviz.group_arrays(data, "posterior").values()
+    single = any(v.dtype.kind == "f" and v.dtype.itemsize < 8 for v in post)
+    eps = float(np.finfo(np.float32 if single else np.float64).eps)
+    scale = max(
+        [1.0, *(float(np.max(np.abs(stats[k]))) for k in ("lp", "log_q") if k in stats)],
+        default=1.0,
+    )
+    return 64 * eps * max(scale, float(np.max(np.abs(log_w))))
+
+
 def _psis_from_data(data: Any) -> PSISResult:
-    stats = _group_arrays(data, "sample_stats")
+    _check_not_point_mass(data)
+    stats = _arviz.group_arrays(data, "sample_stats")
     if "log_weight" not in stats:
         raise ValueError("the ArviZ data has no sample_stats.log_weight; use to_inference_data")
     log_w = stats["log_weight"].reshape(-1).astype(np.float64)
@@ -281,14 +275,73 @@ def _psis_from_data(data: Any) -> PSISResult:
             "some importance log-weights are not finite; the guide puts mass "
             "where the model has none (check supports)"
         )
-    if np.ptp(log_w) == 0.0:  # exact posterior: PSIS cannot fit a tail to equal ratios
-        lw, khat = np.full(n, -math.log(n)), -math.inf
+    exact = bool(np.ptp(log_w) <= _rounding_tolerance(data, stats, log_w))
+    if exact:  # no tail to fit: ArviZ 0.x returns inf or a fit to rounding noise, 1.x NaN
+        lw, khat = np.full(n, -math.log(n)), _KHAT_EXACT
     else:
-        lw, khat = _psislw(log_w)
+        lw, khat = _arviz.psislw(log_w)
     w = np.exp(lw - np.logaddexp.reduce(lw))
     means, guide_means = {}, {}
-    for name, v in _group_arrays(data, "posterior").items():
+    for name, v in _arviz.group_arrays(data, "posterior").items():
         flat = v.reshape(n, *v.shape[2:]).astype(np.float64)
         means[name] = np.tensordot(w, flat, axes=1)
         guide_means[name] = flat.mean(0)
-    return PSISResult(khat, float(1.0 / np.sum(w**2)), n, means, guide_means, lw)
+    return PSISResult(khat, float(1.0 / np.sum(w**2)), n, means, guide_means, lw, exact)
+
+
+# ---------------------------------------------------------------- comparison with references
+def compare(
+    approx: Any,
+    reference: Any,
+    model: Callable | None = None,
+    *args: Any,
+    num_samples: int = 4000,
+    var_names: Sequence[str] | None = None,
+    labels: tuple[str, str] = ("guide", "reference"),
+    **kwargs: Any,
+) -> Comparison:
+    r"""Compare approximate posterior draws with NUTS or reference draws, per parameter.
+
+    For every scalar component, with reference mean :math:`\bar r` and sd :math:`s`:
+    ``mean_error`` :math:`= (\bar z - \bar r)/s`, ``sd_error`` :math:`= (s_z - s)/s` and
+    ``wasserstein`` :math:`= W_1(z, r)/s`. Draws are pooled over chains. Draws that are
+    NaN or infinite raise a ``ValueError`` naming the site (they are never skipped), and a
+    metric that is NaN (a constant reference) makes the ``worst_*`` summaries NaN.
+
+    Args:
+        approx: A Pyro guide (then pass ``model`` and its arguments), ArviZ data (e.g. from
+            :func:`to_inference_data`), a ``pyro.infer.MCMC`` run or a dict of draws
+            ``{site: array (num_draws, *shape)}``.
+        reference: The same kinds except a guide: typically a NUTS run or reference draws.
+        model: The model, needed only when ``approx`` is a guide.
+        *args: Positional arguments of the model and guide.
+        num_samples: Number of guide draws when ``approx`` is a guide.
+        var_names: Sites to compare; default: every site present in both.
+        labels: Display names of the approximation and the reference.
+        **kwargs: Keyword arguments of the model and guide.
+
+    Returns:
+        A :class:`Comparison`: ``print`` it, use ``.table`` (a DataFrame when pandas is
+        installed), ``.worst_sd_error`` etc., and ``.plot()`` for the pair plot.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> ref = {"mu": rng.normal(0.0, 1.0, 4000)}
+        >>> result = compare({"mu": rng.normal(0.0, 2.0, 4000)}, ref)
+        >>> round(result.worst_sd_error, 1)
+        1.0
+        >>> compare(ref, ref).worst_mean_error
+        0.0
+    """
+    if not (isinstance(labels, tuple) and len(labels) == 2):
+        raise TypeError(f"labels must be a tuple of two strings; got {labels!r}")
+
+    def guide_data(guide: Callable) -> Any:
+        if model is None:
+            raise TypeError("compare(guide, reference, model, ...) needs the model for a guide")
+        return to_inference_data(guide, model, *args, num_samples=num_samples, **kwargs)
+
+    a = site_draws(approx, "approx", guide_data)
+    r = site_draws(reference, "reference")
+    return comparison(a, r, var_names, labels)
