@@ -14,7 +14,10 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -193,6 +196,10 @@ def evaluate(
         >>> sorted(evaluate(vae, x, num_samples=10))
         ['elbo', 'log_likelihood']
     """
+    data = check_data("data", data, module)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be a non-negative int (0: no IS); got {num_samples!r}")
+    batch_size = check_positive_int("batch_size", batch_size)
     device = _device(module, device)
     was_training = module.training
     module.eval()
@@ -212,6 +219,45 @@ def evaluate(
     if num_samples > 0:
         out["log_likelihood"] = ll_sum.item() / len(data)
     return out
+
+
+def _bounded_in_unit_interval(module: nn.Module) -> bool:
+    """Whether ``module`` scores data with a Bernoulli likelihood (the :class:`VAE`)."""
+    from pyroflows.vae import VAE
+
+    return isinstance(module, VAE)
+
+
+def check_data(name: str, x: object, module: nn.Module | None = None) -> Tensor:
+    """Return ``x`` if it is a non-empty, finite, floating ``(N, ...)`` tensor, else raise.
+
+    For a Bernoulli VAE the values must also lie in [0, 1] (0/1 pixels, or grey levels
+    scored by the cross-entropy). Errors name the argument ``name``.
+    """
+    if not isinstance(x, Tensor):
+        hint = " (convert with torch.as_tensor(x, dtype=torch.float32))" * hasattr(x, "shape")
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor; got dtype {x.dtype} (use .float())"
+        )
+    if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (N, D) tensor; got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        row = int(bad.reshape(len(x), -1).any(1).nonzero()[0])
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite values (NaN or inf), the first in "
+            f"row {row}; clean the data before training"
+        )
+    if module is not None and _bounded_in_unit_interval(module):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name} must lie in [0, 1] for the Bernoulli VAE (binary pixels, or grey "
+                f"levels scored by cross-entropy); got values in [{lo:g}, {hi:g}]"
+            )
+    return x
 
 
 def _device(module: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -329,16 +375,24 @@ class Trainer:
         for meth in ("model", "guide"):
             if not callable(getattr(module, meth, None)):
                 raise TypeError(f"module must have a {meth}(x, beta) method; got {module!r}")
-        if not (isinstance(lr, float | int) and lr > 0):
-            raise ValueError(f"lr must be a positive float; got {lr!r}")
+        if isinstance(lr, bool) or not (isinstance(lr, float | int) and 0 < lr < math.inf):
+            raise ValueError(f"lr must be a positive, finite float; got {lr!r}")
         for name, v in (
             ("warmup_epochs", warmup_epochs),
-            ("early_stopping", early_stopping_epochs),
+            ("early_stopping_epochs", early_stopping_epochs),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {v!r}")
         if optimizer not in ("adamax", "adam"):
             raise ValueError(f"optimizer must be 'adamax' or 'adam'; got {optimizer!r}")
+        check_data("train_data", train_data, module)
+        if valid_data is not None:
+            check_data("valid_data", valid_data, module)
+            if valid_data.shape[1:] != train_data.shape[1:]:
+                raise ValueError(
+                    f"valid_data rows must have the shape of train_data rows "
+                    f"{tuple(train_data.shape[1:])}; got {tuple(valid_data.shape[1:])}"
+                )
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.train_data = train_data.to(self.device)
@@ -357,6 +411,8 @@ class Trainer:
         self.best_elbo = -math.inf
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
+        self.diverged = False
+        self._last_state: dict[str, Tensor] | None = None  # see fit()
 
     def beta(self, epoch: int) -> float:
         """KL weight of (1-based) ``epoch``: ``min(epoch / warmup_epochs, 1)``."""
@@ -391,84 +447,185 @@ class Trainer:
     ) -> list[dict[str, float]]:
         """Train until ``epochs`` epochs in total have run or early stopping triggers.
 
-        Resuming from a checkpoint continues the count (``fit(10)`` after 4 epochs runs 6).
-        Returns the per-epoch history (``epoch``, ``beta``, ``train_elbo``, ``valid_elbo``,
-        ``seconds``); ``on_epoch(record)`` is called after each epoch. The module ends with
-        the best validation parameters.
+        ``epochs`` counts from the first epoch of this trainer (or of the checkpoint it was
+        loaded from): ``fit(10)`` after 4 epochs runs 6. Returns the per-epoch history
+        (``epoch``, ``beta``, ``train_elbo``, ``valid_elbo``, ``seconds``);
+        ``on_epoch(record)`` is called after each epoch. An unwritable ``checkpoint_path``
+        raises a ``ValueError`` before the first epoch.
+
+        Best state restored: when ``fit`` returns, the module holds the parameters with the
+        highest validation ELBO over every epoch run so far, in this call or earlier ones
+        (the last parameters without validation data). The trainer keeps the last epoch's
+        parameters and the next ``fit`` (or :meth:`save`) continues from those, so
+        ``fit(2)`` then ``fit(5)`` trains exactly as ``fit(5)``.
+
+        A training or validation ELBO that is NaN or infinite stops training: the epoch is
+        recorded with that value, a ``RuntimeWarning`` names it, :attr:`diverged` is set and
+        the best parameters are restored; it is never counted as "no improvement".
         """
         check_positive_int("epochs", epochs)
+        if self.checkpoint_path is not None:
+            _check_writable(self.checkpoint_path)
+        if self._last_state is not None:  # continue from the last epoch, not the best one
+            self.module.load_state_dict(self._last_state)
+            self._last_state = None
         while self.epoch < epochs and not self.stopped:
-            start = time.perf_counter()
-            record = {"epoch": self.epoch + 1, "beta": self.beta(self.epoch + 1)}
-            record["train_elbo"] = self.train_epoch()
-            if self.valid_data is not None:
-                record["valid_elbo"] = self._validate()
-            record["seconds"] = time.perf_counter() - start
-            self.history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            last = self.epoch >= epochs or self.stopped
-            if self.checkpoint_path is not None and (
-                last or self.epoch % self.checkpoint_every == 0
-            ):
-                self.save(self.checkpoint_path)
+            self._fit_epoch(epochs, on_epoch)
         if self.best_state is not None:
+            self._last_state = copy.deepcopy(self.module.state_dict())
             self.module.load_state_dict(self.best_state)
         return self.history
 
+    def _fit_epoch(self, epochs: int, on_epoch: Callable[[dict[str, float]], None] | None) -> None:
+        start = time.perf_counter()
+        record = {"epoch": self.epoch + 1, "beta": self.beta(self.epoch + 1)}
+        record["train_elbo"] = self.train_epoch()
+        if self.valid_data is not None:
+            record["valid_elbo"] = self._validate(record["train_elbo"])
+        record["seconds"] = time.perf_counter() - start
+        self.history.append(record)
+        bad = [k for k in ("train_elbo", "valid_elbo") if not math.isfinite(record.get(k, 0.0))]
+        if bad:
+            self.diverged = True
+            warnings.warn(
+                f"{bad[0]} is {record[bad[0]]} at epoch {record['epoch']}: training diverged "
+                "and stops here; the best validation parameters so far are restored (try a "
+                "lower lr)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+        last = self.epoch >= epochs or self.stopped
+        if self.checkpoint_path is not None and (last or self.epoch % self.checkpoint_every == 0):
+            self.save(self.checkpoint_path)
+
     @property
     def stopped(self) -> bool:
-        """Whether early stopping has triggered."""
+        """Whether training has stopped: early stopping triggered, or the ELBO diverged."""
         patience = self.early_stopping_epochs
-        return patience > 0 and self.bad_epochs >= patience
+        return self.diverged or (patience > 0 and self.bad_epochs >= patience)
 
-    def _validate(self) -> float:
-        """Validation ELBO per datum (β = 1); updates the best state and patience counter."""
+    def _validate(self, train_elbo: float) -> float:
+        """Validation ELBO per datum (β = 1); updates the best state and patience counter.
+
+        A non-finite value (or training ELBO) changes neither: :meth:`fit` reports it.
+        """
         value = evaluate(self.module, self.valid_data, batch_size=self.batch_size * 10)["elbo"]
-        if value > self.best_elbo:
+        finite = math.isfinite(value) and math.isfinite(train_elbo)
+        if finite and value > self.best_elbo:
             self.best_elbo = value
             self.best_state = copy.deepcopy(self.module.state_dict())
             self.bad_epochs = 0
-        elif self.epoch >= self.warmup_epochs:
+        elif finite and self.epoch >= self.warmup_epochs:
             self.bad_epochs += 1
         self.module.train()
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically, including the RNG states."""
+        """Everything needed to resume bit-identically, including the RNG states.
+
+        ``"module"`` holds the parameters of the last epoch (from which training continues),
+        ``"best_state"`` the best ones.
+        """
         return {
-            "module": self.module.state_dict(),
+            "module": self._last_state or self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "history": self.history,
             "best_elbo": self.best_elbo,
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
+            "diverged": self.diverged,
             "generator": self.generator.get_state(),
             "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (module, optimizer, epoch, RNGs, early stopping)."""
+        """Restore a :meth:`state_dict` (module, optimizer, epoch, RNGs, early stopping).
+
+        Atomic: if any part fails to load (missing keys, a module or optimizer state of
+        another architecture), the trainer, module, optimizer and RNGs are left unchanged
+        and the error is raised.
+        """
+        missing = sorted(set(_STATE_KEYS) - set(state)) if isinstance(state, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"not a Trainer state_dict: missing keys {missing or _STATE_KEYS}")
+        backup = self._snapshot()
+        try:
+            self._restore(state)
+        except Exception:
+            self._restore(backup)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        state = copy.deepcopy(self.state_dict())
+        state["_last_state"] = copy.deepcopy(self._last_state)
+        state["module"] = copy.deepcopy(self.module.state_dict())
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = state["epoch"]
-        self.history = list(state["history"])
-        self.best_elbo = state["best_elbo"]
-        self.best_state = state["best_state"]
-        self.bad_epochs = state["bad_epochs"]
         self.generator.set_state(state["generator"])
         _set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_elbo = float(state["best_elbo"])
+        self.best_state = state["best_state"]
+        self.bad_epochs = int(state["bad_epochs"])
+        self.diverged = bool(state.get("diverged", False))
+        self._last_state = state.get("_last_state")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically to ``path``."""
+        """Write a checkpoint atomically to ``path`` (a torch zip file; no ``.tmp`` is left)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def load(self, path: str | os.PathLike) -> Trainer:
-        """Resume from a checkpoint written by :meth:`save`; returns ``self``."""
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Resume from a checkpoint written by :meth:`save`; returns ``self``.
+
+        The zip's CRC-32 checksums are verified first: a corrupt or truncated file raises a
+        ``ValueError`` naming it, and nothing is changed.
+        """
+        path = Path(path)
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"checksum mismatch in {bad}")
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, ValueError, RuntimeError, OSError, EOFError) as err:
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated: {err}") from err
+        self.load_state_dict(state)
         return self
+
+
+_STATE_KEYS = ("module", "optimizer", "epoch", "history", "best_elbo", "best_state",
+               "bad_epochs", "generator", "rng")  # fmt: skip
+
+
+def _check_writable(path: Path) -> None:
+    """Raise a ``ValueError`` naming ``checkpoint_path`` unless a file can be written there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.remove(tmp)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+    except OSError as err:
+        raise ValueError(
+            f"checkpoint_path {str(path)!r} is not writable ({err.strerror or err}); "
+            "choose another path"
+        ) from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pyro
@@ -226,7 +227,10 @@ def test_evaluate_reports_elbo_below_log_likelihood():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        ({"lr": 0.0}, ValueError, "lr must be a positive float"),
+        ({"lr": 0.0}, ValueError, "lr must be a positive, finite float"),
+        ({"lr": math.inf}, ValueError, "lr must be a positive, finite float; got inf"),
+        ({"lr": math.nan}, ValueError, "lr must be a positive, finite float; got nan"),
+        ({"early_stopping_epochs": -1}, ValueError, "early_stopping_epochs must be a non-neg"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
         ({"warmup_epochs": -1}, ValueError, "warmup_epochs must be a non-negative int"),
         ({"optimizer": "sgd"}, ValueError, "optimizer must be 'adamax' or 'adam'"),
@@ -238,3 +242,192 @@ def test_trainer_argument_errors(kwargs, exc, match):
         make_trainer(0, **kwargs)
     with pytest.raises(TypeError, match="model"):
         Trainer(nn.Linear(2, 2), torch.zeros(3, 2))
+
+
+ROWS = torch.bernoulli(torch.full((8, 20), 0.3), generator=torch.Generator().manual_seed(5))
+
+
+def _with(row: int, col: int, value: float) -> torch.Tensor:
+    x = ROWS.clone()
+    x[row, col] = value
+    return x
+
+
+def _tiny_vae():
+    return VAE((4, 5), latent_dim=3, flow="planar", num_flows=2, hidden_dim=8)
+
+
+BAD_DATA = [
+    ({"train_data": ROWS.numpy()}, TypeError, "train_data must be a torch.Tensor; got ndarray"),
+    ({"train_data": ROWS.long()}, TypeError, "train_data must be a floating-point tensor"),
+    ({"train_data": ROWS[:0]}, ValueError, r"train_data must be a non-empty \(N, D\) tensor"),
+    ({"train_data": ROWS[0]}, ValueError, "train_data must be a non-empty"),
+    (
+        {"train_data": _with(3, 2, math.nan)},
+        ValueError,
+        "train_data contains 1 non-finite .*row 3",
+    ),
+    ({"train_data": _with(1, 0, math.inf)}, ValueError, "train_data contains 1 non-finite"),
+    ({"train_data": ROWS * 255}, ValueError, r"train_data must lie in \[0, 1\] for the Bern"),
+    ({"train_data": ROWS - 0.5}, ValueError, r"train_data must lie in \[0, 1\]"),
+    ({"valid_data": _with(0, 0, -math.inf)}, ValueError, "valid_data contains 1 non-finite"),
+    ({"valid_data": ROWS.numpy()}, TypeError, "valid_data must be a torch.Tensor"),
+    ({"valid_data": ROWS[:0]}, ValueError, "valid_data must be a non-empty"),
+    ({"valid_data": ROWS[:, :10]}, ValueError, "valid_data rows must have the shape"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_DATA)
+def test_trainer_rejects_bad_data_before_training(kwargs, exc, match):
+    args = {"train_data": ROWS, "valid_data": ROWS[:4]} | kwargs
+    with pytest.raises(exc, match=match):
+        Trainer(_tiny_vae(), args.pop("train_data"), args.pop("valid_data"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"num_samples": -1}, ValueError, "num_samples must be a non-negative int"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ({"data": ROWS.numpy()}, TypeError, "data must be a torch.Tensor"),
+        ({"data": _with(2, 2, math.nan)}, ValueError, "data contains 1 non-finite"),
+        ({"data": ROWS[:0]}, ValueError, "data must be a non-empty"),
+    ],
+)
+def test_evaluate_argument_errors(kwargs, exc, match):
+    args = {"data": ROWS} | kwargs
+    with pytest.raises(exc, match=match):
+        evaluate(_tiny_vae(), args.pop("data"), **args)
+
+
+def test_grey_levels_in_the_unit_interval_are_accepted():
+    Trainer(_tiny_vae(), ROWS * 0.5, progress=False)  # e.g. Frey faces scaled to [0, 1]
+
+
+def test_non_finite_validation_elbo_is_reported_not_counted_as_no_improvement():
+    def poison(record):
+        if record["epoch"] == 1:
+            with torch.no_grad():
+                trainer.module.mu.fill_(math.nan)
+
+    train, valid = torch.zeros(10, 2), torch.full((10, 2), 5.0)
+    trainer = Trainer(
+        Shift(), train, valid, lr=0.1, batch_size=5, warmup_epochs=0, early_stopping_epochs=3,
+        progress=False,
+    )  # fmt: skip
+    with (
+        pyro.validation_enabled(False),  # let the NaN parameter reach the ELBO
+        pytest.warns(RuntimeWarning, match="train_elbo is nan at epoch 2: training diverged"),
+    ):
+        history = trainer.fit(10, on_epoch=poison)
+    assert len(history) == 2 and math.isnan(history[1]["valid_elbo"])
+    assert trainer.diverged and trainer.stopped and trainer.bad_epochs == 0
+    assert trainer.best_elbo == history[0]["valid_elbo"]
+    assert torch.isfinite(trainer.module.mu).all()  # the best (epoch 1) parameters
+
+
+def shift_trainer(**kwargs):
+    opts = {"lr": 0.1, "batch_size": 5, "warmup_epochs": 0, "early_stopping_epochs": 0}
+    torch.manual_seed(0)
+    train, valid = torch.randn(10, 2), torch.full((10, 2), 5.0)
+    return Trainer(Shift(), train, valid, progress=False, **(opts | kwargs))
+
+
+@pytest.mark.parametrize("first", [1, 2, 4])
+def test_fit_in_pieces_continues_exactly_as_one_fit(first, tmp_path):
+    """The validation ELBO of Shift falls every epoch, so the best state (epoch 1) differs
+    from the last: a continued fit must start from the last epoch, not the restored best."""
+    pyro.set_rng_seed(0)
+    whole = shift_trainer()
+    whole.fit(5)
+    pyro.set_rng_seed(0)
+    pieces = shift_trainer(checkpoint_path=tmp_path / "ck.pt")
+    pieces.fit(first)
+    assert torch.equal(pieces.module.mu, pieces.best_state["mu"])  # best restored meanwhile
+    pieces.fit(5)
+    assert [h["valid_elbo"] for h in pieces.history] == [h["valid_elbo"] for h in whole.history]
+    assert torch.equal(pieces.module.mu, whole.module.mu)  # both hold the best (epoch 1)
+    assert torch.equal(pieces.state_dict()["module"]["mu"], whole.state_dict()["module"]["mu"])
+    assert not torch.equal(whole.state_dict()["module"]["mu"], whole.best_state["mu"])
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)  # the last state, to resume
+    assert torch.equal(saved["module"]["mu"], whole.state_dict()["module"]["mu"])
+
+
+def test_corrupt_or_truncated_checkpoints_are_detected_on_load(tmp_path):
+    path = tmp_path / "ck.pt"
+    make_trainer(0, path).fit(1)
+    raw = bytearray(path.read_bytes())
+    flipped, truncated = tmp_path / "flipped.pt", tmp_path / "truncated.pt"
+    raw_flip = raw.copy()
+    raw_flip[len(raw) // 2] ^= 0xFF  # inside a tensor's data: torch.load alone reads it silently
+    flipped.write_bytes(bytes(raw_flip))
+    truncated.write_bytes(bytes(raw[: len(raw) // 2]))
+    for bad in (flipped, truncated):
+        fresh = make_trainer(0)
+        before = {k: v.clone() for k, v in fresh.module.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"checkpoint '.*{bad.name}' is corrupt"):
+            fresh.load(bad)
+        assert fresh.epoch == 0
+        assert all(torch.equal(v, fresh.module.state_dict()[k]) for k, v in before.items())
+    assert make_trainer(0).load(path).epoch == 1
+
+
+@pytest.mark.parametrize("broken", ["optimizer", "generator", "rng", "missing"])
+def test_load_state_dict_is_atomic(tmp_path, broken):
+    source = make_trainer(1)
+    source.fit(1)
+    state = source.state_dict()
+    if broken == "optimizer":
+        state["optimizer"] = {"state": {}, "param_groups": []}
+    elif broken == "generator":
+        state["generator"] = torch.zeros(3, dtype=torch.uint8)
+    elif broken == "rng":
+        state["rng"] = {"torch": torch.get_rng_state()}
+    else:
+        del state["history"]
+    target = make_trainer(0)
+    target.fit(1)
+    module = copy.deepcopy(target.module.state_dict())
+    optim = copy.deepcopy(target.optimizer.state_dict())
+    generator, rng = target.generator.get_state(), torch.get_rng_state()
+    history = list(target.history)
+    with pytest.raises((ValueError, RuntimeError, KeyError, TypeError)):
+        target.load_state_dict(state)
+    assert all(torch.equal(v, target.module.state_dict()[k]) for k, v in module.items())
+    new_optim = target.optimizer.state_dict()["state"]
+    assert all(
+        torch.equal(optim["state"][i]["exp_avg"], new_optim[i]["exp_avg"]) for i in new_optim
+    )
+    assert torch.equal(generator, target.generator.get_state())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert target.history == history and target.epoch == 1
+
+
+def test_unwritable_checkpoint_path_fails_before_the_first_epoch(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    trainer = make_trainer(0, blocker / "ck.pt")
+    with pytest.raises(ValueError, match="checkpoint_path '.*a_file/ck.pt' is not writable"):
+        trainer.fit(2)
+    assert trainer.epoch == 0 and trainer.history == []
+    directory = make_trainer(0, tmp_path)  # a directory is not a checkpoint file
+    with pytest.raises(ValueError, match="is not writable"):
+        directory.fit(1)
+    assert directory.epoch == 0
+
+
+def test_failed_save_leaves_no_tmp_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    trainer = make_trainer(0, path)
+    trainer.fit(1)
+    good = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+    assert path.read_bytes() == good
