@@ -194,3 +194,124 @@ def test_bad_data_raises_clear_errors(tmp_path, splits):
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_dataset(**kwargs)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _bad_npz_mnist(root: Path, splits) -> tuple[Path, str]:
+    path = root / "binarized_mnist.npz"
+    np.savez_compressed(path, **splits, shape=np.array([28, 28]))  # not bit-packed
+    return path, r"'train' must be bit-packed .*\(unpacked images: pack them with np.packbits\)"
+
+
+def _bad_npz_shape(root: Path, splits) -> tuple[Path, str]:
+    path = root / "binarized_mnist.npz"
+    write_npz(path, splits, shape=(28, 20))
+    return path, r"'train' must be bit-packed .*\(N, 70\).*does 'shape' match the images"
+
+
+def _frey_scaled(root: Path, splits) -> tuple[Path, str]:
+    path = root / "freyfaces.npz"
+    faces = np.random.RandomState(0).randint(8, 239, size=(1965, 560)) / 255.0
+    np.savez_compressed(path, data=faces, shape=np.array([28, 20]))
+    return path, r"raw grey levels 0-255; got values in \[0.03.*already scaled"
+
+
+def _truncated_npz(root: Path, splits) -> tuple[Path, str]:
+    path = root / "binarized_mnist.npz"
+    write_npz(path, splits)
+    _truncate(path)
+    return path, ""
+
+
+def _missing_keys(root: Path, splits) -> tuple[Path, str]:
+    path = root / "binarized_mnist.npz"
+    np.savez_compressed(path, train=np.packbits(splits["train"], axis=-1))
+    return path, r"missing keys \['valid', 'test', 'shape'\]"
+
+
+def _ragged_amat(root: Path, splits) -> tuple[Path, str]:
+    write_amat(root, splits)
+    path = root / "binarized_mnist_valid.amat"
+    path.write_text(path.read_text() + "0 1 0\n")
+    return path, ""
+
+
+def _truncated_mat(root: Path, splits) -> tuple[Path, str]:
+    scipy_io = pytest.importorskip("scipy.io")
+    path = root / "caltech101_silhouettes_28_split1.mat"
+    mat = {k: binary_rows(50).astype(np.float64) for k in ("train_data", "val_data", "test_data")}
+    scipy_io.savemat(path, mat)
+    _truncate(path)
+    return path, ""
+
+
+def _nan_amat(root: Path, splits) -> tuple[Path, str]:
+    bad = dict(splits, test=splits["test"].astype(np.float64))
+    bad["test"][0, 0] = np.nan
+    write_amat(root, bad)
+    return root / "binarized_mnist_test.amat", "test contains non-finite values"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _bad_npz_mnist,
+        _bad_npz_shape,
+        _frey_scaled,
+        _truncated_npz,
+        _missing_keys,
+        _ragged_amat,
+        _truncated_mat,
+        _nan_amat,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_bad_files_raise_value_errors_naming_the_file(tmp_path, splits, make):
+    path, what = make(tmp_path, splits)
+    name = {"binarized": "mnist", "caltech101": "caltech", "freyfaces": "frey"}[
+        path.name.split("_")[0].split(".")[0]
+    ]
+    with pytest.raises(ValueError, match=rf"^{path}: .*{what}"):
+        load_dataset(name, tmp_path)
+
+
+def test_failed_download_names_the_url(tmp_path, server):
+    _, url = server
+    with pytest.raises(OSError, match=rf"download of {url}/nope.bin failed: HTTP Error 404"):
+        download(f"{url}/nope.bin", tmp_path / "x.bin")
+    with pytest.raises(OSError, match="download of .*binarized_mnist_train.amat failed"):
+        load_dataset("mnist", tmp_path / "d", download_missing=True, base_url=url + "/missing")
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_default_downloads_are_https_and_pinned():
+    from pyroflows import datasets
+
+    urls = {f: u for files in datasets._ORIGINALS.values() for f, u in files.items()}
+    assert all(u.startswith("https://") for u in urls.values()), urls
+    assert set(urls) == set(datasets._SHA256)
+    assert all(len(h) == 64 for h in filter(None, datasets._SHA256.values()))
+
+
+def test_downloads_from_default_urls_are_verified(tmp_path, server, monkeypatch, splits):
+    """Fake originals served in place of the real ones fail the pinned digests."""
+    from pyroflows import datasets
+
+    scipy_io = pytest.importorskip("scipy.io")
+    root, url = server
+    write_amat(root, splits)
+    faces = np.random.RandomState(0).randint(8, 239, size=(1965, 560)).astype(np.uint8)
+    scipy_io.savemat(root / "frey_rawface.mat", {"ff": faces.T})
+    local = {name: {f: f"{url}/{f}" for f in files} for name, files in datasets._ORIGINALS.items()}
+    monkeypatch.setattr(datasets, "_ORIGINALS", local)
+    with pytest.raises(
+        ValueError, match="sha256 of .*binarized_mnist_train.amat is .*; expected 79a0"
+    ):
+        load_dataset("mnist", tmp_path / "mnist", download_missing=True)
+    assert not (tmp_path / "mnist" / "binarized_mnist_train.amat").exists()
+    with pytest.raises(ValueError, match=r"frey_rawface.mat: the image array's sha256 is"):
+        load_dataset("frey", tmp_path / "frey", download_missing=True)
+    assert load_dataset("frey", root).shape == (28, 20)  # present files are not re-checked
