@@ -1,7 +1,7 @@
 """Benchmark datasets of the flow-VAE papers: static binarized MNIST, Caltech-101, Frey faces.
 
 :func:`load_dataset` reads a dataset from a directory holding either the compact ``.npz``
-files (bit-packed binary images, see ``shared/data/README.md``) or the original files
+files (bit-packed binary images, format below) or the original files
 (``binarized_mnist_{train,valid,test}.amat``, ``caltech101_silhouettes_28_split1.mat``,
 ``frey_rawface.mat``), and can download the originals from their public URLs. Without a
 directory it returns the small static-MNIST sample that ships with the package. Every split
