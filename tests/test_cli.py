@@ -50,16 +50,74 @@ def test_defaults_are_the_embedded_quick_run():
     assert args.device == "cpu" and args.latent_dim == 64
 
 
+def _run(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors (e.g. an invalid choice)
+        return e.code
+
+
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["vae", "--flow", "nope"], "--flow must be one of"),
-        (["vae", "--epochs", "0"], "--epochs must be positive"),
-        (["vae", "--warmup", "-1"], "--warmup must be >= 0"),
-        (["vae", "--dataset", "omniglot"], "invalid choice"),
+        (["vae", "--flow", "nope"], "error: --flow must be one of none, "),
+        (["vae", "--epochs", "0"], "error: --epochs must be positive"),
+        (["vae", "--warmup", "-1"], "error: --warmup must be >= 0"),
+        (["vae", "--lr", "-1"], "error: --lr must be a positive, finite number; got -1.0"),
+        (["vae", "--lr", "inf"], "error: --lr must be a positive, finite number; got inf"),
+        (["vae", "--data-dir", "/nonexistent"], "error: --data-dir /nonexistent: no such dir"),
+        (["vae", "--dataset", "caltech"], "error: --dataset caltech has no embedded sample"),
     ],
 )
-def test_argument_errors(argv, match, capsys):
+def test_user_errors_are_one_line_naming_the_flag(argv, match, capsys, tmp_path):
+    assert _run([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_invalid_choice_is_argparses_error(capsys):
+    assert _run(["vae", "--dataset", "omniglot"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_files_and_unwritable_output_dir_name_the_flags(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(["vae", "--dataset", "caltech", "--data-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset caltech: no caltech data in --data-dir " in err and "--download" in err
+    assert "download_missing" not in err and "data_dir" not in err and err.count("\n") == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _run(["vae", "--output-dir", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output-dir {blocker / 'out'}: not writable" in err and err.count("\n") == 1
+
+
+def test_failed_download_names_the_url(tmp_path, capsys, monkeypatch):
+    from pyroflows import datasets
+
+    url = "http://127.0.0.1:9/binarized_mnist_train.amat"  # port 9: nothing listens
+    files = dict(datasets._ORIGINALS, mnist={"binarized_mnist_train.amat": url})
+    monkeypatch.setattr(datasets, "_ORIGINALS", files)
+    argv = ["vae", "--data-dir", str(tmp_path / "d"), "--download"]
+    assert _run([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"download of {url} failed" in err and err.count("\n") == 1, err
+
+
+def test_help_lists_flows_and_defaults_without_rst(capsys):
+    from pyroflows.transforms import CONDITIONAL_FLOWS
+
     with pytest.raises(SystemExit):
-        main(argv)
-    assert match in capsys.readouterr().err
+        main(["vae", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for name in CONDITIONAL_FLOWS:
+        assert name in text
+    for flag in ("--dataset", "--latent-dim", "--epochs", "--lr", "--output-dir", "--seed"):
+        after = text.split(f"{flag} ")[-1]
+        assert "(default:" in after.split(" --")[0], flag
+    assert "``" not in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
