@@ -1,12 +1,23 @@
-"""Shared test configuration: seeding, ``--device``/``--dtype`` options, helpers."""
+"""Shared test configuration: seeding, ``--device``/``--dtype`` options, helpers.
+
+Hypothesis runs derandomized (profile ``ci``, the default): every run draws the same
+examples, so no test can fail by chance. ``HYPOTHESIS_PROFILE=explore python -m pytest``
+searches with fresh random examples instead.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pyro
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,11 @@ def test_version_is_exposed():
     import pyroflows
 
     assert isinstance(pyroflows.__version__, str) and pyroflows.__version__.count(".") == 2
+
+
+def test_hypothesis_is_derandomized_by_default():
+    """STYLE rule 16: the suite cannot fail by chance (conftest.py's ``ci`` profile)."""
+    from hypothesis import settings
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        assert settings.default.derandomize and settings.default.database is None
