@@ -276,13 +276,16 @@ class AutoFlowGuide(AutoContinuous):
 
     @torch.no_grad()
     def median(
-        self, *args: Any, num_samples: int = default_num_samples, **kwargs: Any
+        self, *args: Any, num_samples: int | None = None, **kwargs: Any
     ) -> dict[str, Tensor]:
         """Posterior median of every latent site, estimated from ``num_samples`` draws.
 
-        The coordinate-wise median in unconstrained space is mapped through ``biject_to``,
-        as Pyro's guides do; for elementwise supports it is the marginal median.
+        ``num_samples=None`` uses :attr:`default_num_samples` (set it on the class or the
+        instance to change the default). The coordinate-wise median in unconstrained space is
+        mapped through ``biject_to``, as Pyro's guides do; for elementwise supports it is the
+        marginal median.
         """
+        num_samples = self.default_num_samples if num_samples is None else num_samples
         self._ensure_prototype(*args, **kwargs)
         return self._constrain(self._latent_quantiles(torch.tensor([0.5]), num_samples)[0])
 
@@ -291,14 +294,17 @@ class AutoFlowGuide(AutoContinuous):
         self,
         quantiles: Sequence[float] | Tensor,
         *args: Any,
-        num_samples: int = default_num_samples,
+        num_samples: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Posterior quantiles of every latent site, estimated from ``num_samples`` draws.
 
+        ``num_samples=None`` uses :attr:`default_num_samples`.
+
         Returns:
             A dict mapping each site name to a tensor ``(len(quantiles), *site_shape)``.
         """
+        num_samples = self.default_num_samples if num_samples is None else num_samples
         probs = torch.as_tensor(quantiles, dtype=torch.float64).reshape(-1)
         if not bool(((probs >= 0) & (probs <= 1)).all()):
             raise ValueError(f"quantiles must lie in [0, 1]; got {quantiles!r}")
