@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from pyroflows._utils import check_positive_int
 from pyroflows.transforms import CONDITIONAL_FLOWS, ConditionalPlanarStack
-from pyroflows.transforms._base import PERMUTED_FLOWS, Reverse
+from pyroflows.transforms._base import Reverse, needs_permutation
 
 __all__ = [
     "ARCHITECTURES",
@@ -139,7 +139,7 @@ class FlowEncoder(nn.Module):
         """The K flows conditioned on ``h`` (with reversals between autoregressive layers)."""
         out: list[Transform] = []
         for k, flow in enumerate(self.flows):
-            if k > 0 and self.flow in PERMUTED_FLOWS:
+            if k > 0 and needs_permutation(self.flows[k - 1]) and needs_permutation(flow):
                 out.append(Reverse())
             out.append(flow.condition(h))
         return out

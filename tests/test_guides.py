@@ -22,8 +22,8 @@ from pyro.optim import ClippedAdam
 
 from pyroflows.guides import AutoFlowGuide, Reverse
 from pyroflows.transforms import FLOWS
+from pyroflows.transforms._base import starts_at_identity
 from tests.conftest import randomize_
-from tests.test_transforms import NOT_IDENTITY_AT_INIT
 
 F64 = torch.float64
 
@@ -73,11 +73,19 @@ def conjugate_posterior() -> dist.MultivariateNormal:
     return dist.MultivariateNormal(mean, cov)
 
 
+# The spline coupling layer has 3K - 1 = 23 raw outputs per coordinate; on this Gaussian
+# target (where the best flow is the identity) the random walk of its conditioner under
+# 16-particle gradients leaves KL = 0.05 after 300 steps and 0.02 after 600 (measured), so
+# it gets a longer budget rather than a looser tolerance.
+CONJUGATE_STEPS = {"spline": 1000}
+
+
 @pytest.mark.parametrize("name", sorted(FLOWS))
 def test_conjugate_gaussian_fits_analytic_posterior(name):
     post = conjugate_posterior()
     guide = AutoFlowGuide(conjugate_model, flow=name, num_flows=2, base="full")
-    fit(conjugate_model, guide, YBAR, steps=300, lr=0.1, particles=16, lr_end=0.01)
+    steps = CONJUGATE_STEPS.get(name, 300)
+    fit(conjugate_model, guide, YBAR, steps=steps, lr=0.1, particles=16, lr_end=0.01)
     with torch.no_grad():
         q = guide.get_posterior()
         z = q.sample((4000,))
@@ -107,7 +115,7 @@ def test_untrained_guide_is_a_gaussian_at_the_init_location(name, base):
     guide(YBAR)  # parameters are created eagerly on the first call
     with torch.no_grad():
         torch.testing.assert_close(guide.median(YBAR)["theta"], init, atol=0.02, rtol=0)
-        if name in NOT_IDENTITY_AT_INIT:  # starts as a documented contraction: centred only
+        if not starts_at_identity(FLOWS[name](3)):  # e.g. a documented contraction: centred
             return
         points = init + 0.1 * torch.randn(200, 3, dtype=F64)
         lp = guide.get_posterior().log_prob(points)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
+from pyroflows.transforms._base import starts_at_identity
 from tests.conftest import randomize_
 
 D = 4
@@ -187,17 +188,14 @@ def test_state_dict_round_trip(kind, name, tmp_path):
     assert [copy.deepcopy(p) is not None for p in fresh.parameters()]
 
 
-# The gated IAF (Kingma et al. 2016) starts, by design, as the contraction y ≈ sigmoid(b)·x
-# with forget bias b: its σ < 1 always, and m_i may not depend on x_i, so no initialisation
-# of its MADE gives the identity. tests/test_iaf.py checks that documented start instead.
-NOT_IDENTITY_AT_INIT = {"iaf-gated"}
-
-
 @pytest.mark.parametrize("kind,name", CASES, ids=IDS)
 def test_starts_near_identity(kind, name):
-    if name in NOT_IDENTITY_AT_INIT:
-        pytest.skip(f"{name} starts as a contraction by design; see tests/test_iaf.py")
-    t = transform_of(build(kind, name), kind, (10,))
+    """Unless its class declares ``starts_at_identity = False`` (the gated IAF starts, by
+    design, as the contraction y ≈ sigmoid(b)·x; tests/test_iaf.py checks that start)."""
+    module = build(kind, name)
+    if not starts_at_identity(module):
+        pytest.skip(f"{name} declares starts_at_identity = False")
+    t = transform_of(module, kind, (10,))
     x = torch.randn(10, D, dtype=torch.float64)
     y = t(x)
     torch.testing.assert_close(y, x, atol=0.05, rtol=0)
@@ -248,3 +246,76 @@ def test_invertibility_constraint_holds_for_adversarial_parameters(
     assert (sign[reliable] > 0).all()
     accurate = (expected > -10) & (cond < 1e8)
     torch.testing.assert_close(ladj[accurate], expected[accurate], atol=1e-6, rtol=1e-6)
+
+
+PLAIN = [("flow", n) for n in sorted(FLOWS)]
+
+
+@pytest.mark.parametrize("kind,name", PLAIN, ids=[f"flow-{n}" for _, n in PLAIN])
+def test_cache_is_not_reused_after_a_parameter_update(kind, name):
+    """Issue 18: the same input tensor after an in-place parameter update (an optimizer
+    step) is recomputed, in both directions and for the log-det; a value cached without
+    grad is not returned to a call that records a graph."""
+    module = randomize_(build(kind, name))
+    x = torch.randn(5, D, dtype=torch.float64)
+    with torch.no_grad():
+        y = module(x)
+    assert module(x).grad_fn is not None  # cached under no_grad, now recorded
+    y = module(x)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    y2 = module(x)
+    assert module.inv(y2) is x  # cached with the current parameters: a hit
+    assert not torch.equal(y2, y)
+    torch.testing.assert_close(y2, module(x.clone()), atol=0, rtol=0)
+    y3 = module(x)  # a new entry for x with the current parameters, and its log-det
+    torch.testing.assert_close(
+        module.log_abs_det_jacobian(x, y3),
+        module.log_abs_det_jacobian(x.clone(), y3.clone()),
+        atol=0,
+        rtol=0,
+    )
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.testing.assert_close(module.inv(y2), module.inv(y2.clone()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_mle_on_one_fixed_tensor_trains_for_three_steps(kind, name):
+    """Issue 18: maximum likelihood on one fixed full-batch tensor (the scored tensor is the
+    same object every step) runs, and every step's loss is that of the current parameters."""
+    module = build(kind, name)
+    data = 1.5 * torch.randn(32, D, dtype=torch.float64) + 0.5
+    context = torch.randn(32, C, dtype=torch.float64)
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        t = module if kind == "flow" else module.condition(context)
+        d = dist.TransformedDistribution(base_dist(D), [t])
+        loss = -d.log_prob(data).mean()
+        with torch.no_grad():
+            fresh = -d.log_prob(data.clone()).mean()
+        torch.testing.assert_close(loss, fresh)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] != losses[1] != losses[2]
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=IDS)
+def test_wrong_event_size_raises(kind, name):
+    """Issue 18: a size-1 (or any wrong-size) last dimension raises instead of
+    broadcasting against the D-dimensional parameters."""
+    t = transform_of(build(kind, name), kind, ())
+    for bad in (1, D + 1):
+        v = torch.randn(5, bad, dtype=torch.float64)
+        match = rf"event of size {D} in the last dimension; got {bad}"
+        with pytest.raises(ValueError, match=match):
+            t(v)
+        with pytest.raises(ValueError, match=match):
+            t.inv(v)
+        with pytest.raises(ValueError, match=match):
+            t.log_abs_det_jacobian(v, v)

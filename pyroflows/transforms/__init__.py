@@ -14,6 +14,13 @@ from functools import partial
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 
+from pyroflows.transforms.actnorm import (
+    ActNorm,
+    ConditionalActNorm,
+    actnorm,
+    conditional_actnorm,
+    initialize_actnorm,
+)
 from pyroflows.transforms.iaf import (
     IAF,
     ConditionalIAF,
@@ -24,7 +31,15 @@ from pyroflows.transforms.iaf import (
     iaf,
     iaf_stack,
 )
+from pyroflows.transforms.linear_lu import (
+    ConditionalLinearLU,
+    LinearLU,
+    conditional_linear_lu,
+    linear_lu,
+)
 from pyroflows.transforms.made import MADE
+from pyroflows.transforms.maf import MAF, ConditionalMAF, conditional_maf, maf
+from pyroflows.transforms.nice import NICE, ConditionalNICE, conditional_nice, nice
 from pyroflows.transforms.planar import (
     ConditionalPlanar,
     ConditionalPlanarStack,
@@ -39,6 +54,13 @@ from pyroflows.transforms.radial import (
     conditional_radial,
     radial,
     radial_alpha_gamma,
+)
+from pyroflows.transforms.realnvp import ConditionalRealNVP, RealNVP, conditional_realnvp, realnvp
+from pyroflows.transforms.spline import (
+    ConditionalSplineCoupling,
+    SplineCoupling,
+    conditional_spline,
+    spline,
 )
 from pyroflows.transforms.sylvester import (
     ConditionalSylvester,
@@ -56,6 +78,12 @@ FLOWS: dict[str, Callable[[int], TransformModule]] = {
     "sylvester-triangular": partial(sylvester, kind="triangular"),
     "iaf": iaf,
     "iaf-gated": gated_iaf,
+    "nice": nice,
+    "realnvp": realnvp,
+    "spline": spline,
+    "maf": maf,
+    "actnorm": actnorm,
+    "linear-lu": linear_lu,
 }
 
 CONDITIONAL_FLOWS: dict[str, Callable[[int, int], ConditionalTransformModule]] = {
@@ -66,34 +94,65 @@ CONDITIONAL_FLOWS: dict[str, Callable[[int, int], ConditionalTransformModule]] =
     "sylvester-triangular": partial(conditional_sylvester, kind="triangular"),
     "iaf": conditional_iaf,
     "iaf-gated": conditional_gated_iaf,
+    "nice": conditional_nice,
+    "realnvp": conditional_realnvp,
+    "spline": conditional_spline,
+    "maf": conditional_maf,
+    "actnorm": conditional_actnorm,
+    "linear-lu": conditional_linear_lu,
 }
 
 __all__ = [
     "CONDITIONAL_FLOWS",
     "FLOWS",
-    "IAF",
-    "MADE",
+    "ActNorm",
+    "ConditionalActNorm",
     "ConditionalIAF",
+    "ConditionalLinearLU",
+    "ConditionalMAF",
+    "ConditionalNICE",
     "ConditionalPlanar",
     "ConditionalPlanarStack",
     "ConditionalRadial",
+    "ConditionalRealNVP",
+    "ConditionalSplineCoupling",
     "ConditionalSylvester",
+    "IAF",
+    "LinearLU",
+    "MADE",
+    "MAF",
+    "NICE",
     "Planar",
     "Radial",
+    "RealNVP",
+    "SplineCoupling",
     "Sylvester",
+    "actnorm",
+    "conditional_actnorm",
     "conditional_gated_iaf",
     "conditional_iaf",
     "conditional_iaf_stack",
+    "conditional_linear_lu",
+    "conditional_maf",
+    "conditional_nice",
     "conditional_planar",
     "conditional_radial",
+    "conditional_realnvp",
+    "conditional_spline",
     "conditional_sylvester",
     "gated_iaf",
     "iaf",
     "iaf_stack",
+    "initialize_actnorm",
+    "linear_lu",
+    "maf",
+    "nice",
     "planar",
     "planar_u_hat",
     "radial",
     "radial_alpha_gamma",
+    "realnvp",
+    "spline",
     "sylvester",
     "sylvester_r",
 ]

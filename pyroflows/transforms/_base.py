@@ -1,46 +1,122 @@
-"""Shared machinery: forward and log-det computed together, cached only for the same (x, y)."""
+"""Shared machinery: forward and log-det computed together, cached only for the same (x, y)
+and the same parameters; family metadata (permutations, identity start)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 from pyro.distributions.torch_transform import TransformModule
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 ForwardFn = Callable[..., tuple[Tensor, Tensor]]
 InverseFn = Callable[..., Tensor]
 
 
+def _param_versions(module: object) -> tuple:
+    """Grad mode and the in-place version counters of ``module``'s parameters (cache key)."""
+    params = module.parameters() if isinstance(module, nn.Module) else ()
+    return (torch.is_grad_enabled(), *(p._version for p in params))
+
+
 class FlowMixin:
     """Mixin for vector flows whose ``_forward(x)`` returns ``(y, ladj)`` in one pass.
 
-    ``log_abs_det_jacobian(x, y)`` reuses the log-det of the last forward call only when
-    ``x`` and ``y`` are the very tensors of that call (the identity check torch's own
-    ``cache_size=1`` uses); any other pair is recomputed from ``x``. Nothing else is read
-    back from ``self``, so a flow can score any point.
+    With ``cache_size=1`` one ``(x, y, ladj)`` triple is kept and reused only when the
+    argument is the very tensor of that call (torch's identity check) *and* the cache key
+    still matches: the grad mode and, for a module, the version counters of its parameters,
+    which every in-place update (an optimizer step, ``load_state_dict``) bumps. So scoring
+    one fixed tensor again after a training step recomputes it (STYLE rule 8). Nothing else
+    is read back from ``self``, so a flow can score any point.
+
+    The event size is checked on every call against ``input_dim``: a size-1 last dimension
+    would otherwise broadcast silently against the flow's D-dimensional parameters.
+
+    Class attributes describe the family (read by :func:`needs_permutation` and the tests):
+    ``autoregressive`` / ``coupling`` (a fixed coordinate order, so a permutation belongs
+    between consecutive layers) and ``starts_at_identity``.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
-    _ladj_cache: tuple[Tensor, Tensor, Tensor] | None = None
+    autoregressive = False
+    coupling = False
+    starts_at_identity = True
+    input_dim: int
+    _flow_cache: tuple[Tensor, Tensor, Tensor | None, tuple] | None = None
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _call(self, x: Tensor) -> Tensor:
+    def _inverse_ladj(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(x, ladj or None)``; flows whose inverse yields the log-det too override this."""
+        return self._inverse(y), None
+
+    def _ladj(self, x: Tensor, y: Tensor) -> Tensor:
+        """The log-det at ``(x, y)`` without the cache (from ``x`` by default)."""
+        return self._forward(x)[1]
+
+    def _cache_key(self) -> tuple:
+        return _param_versions(self)
+
+    def _check_event(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.input_dim:
+            actual = x.shape[-1] if x.dim() else "a scalar"
+            raise ValueError(
+                f"{type(self).__name__} expects an event of size {self.input_dim} in the last "
+                f"dimension; got {actual} (input shape {tuple(x.shape)})"
+            )
+
+    def _store(self, entry: tuple) -> None:
+        # a plain attribute: nn.Module.__setattr__'s bookkeeping costs ~8 us per call
+        object.__setattr__(self, "_flow_cache", entry)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._check_event(x)
+        if self._cache_size == 0:
+            return self._forward(x)[0]
+        key = self._cache_key()
+        cached = self._flow_cache
+        if cached is not None and cached[0] is x and cached[3] == key:
+            return cached[1]
         y, ladj = self._forward(x)
-        if self._cache_size == 1:
-            # a plain attribute: nn.Module.__setattr__'s bookkeeping costs ~8 us per call
-            object.__setattr__(self, "_ladj_cache", (x, y, ladj))
+        self._store((x, y, ladj, key))
         return y
 
+    def _call(self, x: Tensor) -> Tensor:
+        return self._forward(x)[0]
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        self._check_event(y)
+        if self._cache_size == 0:
+            return self._inverse(y)
+        key = self._cache_key()
+        cached = self._flow_cache
+        if cached is not None and cached[1] is y and cached[3] == key:
+            return cached[0]
+        x, ladj = self._inverse_ladj(y)
+        self._store((x, y, ladj, key))
+        return x
+
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        cached = self._ladj_cache
-        if cached is not None and cached[0] is x and cached[1] is y:
+        cached = self._flow_cache
+        if (
+            cached is not None
+            and cached[0] is x
+            and cached[1] is y
+            and cached[2] is not None
+            and cached[3] == self._cache_key()
+        ):
             return cached[2]
-        return self._forward(x)[1]
+        self._check_event(x)
+        return self._ladj(x, y)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_flow_cache", None)
+        return state
 
 
 class ParamFlow(FlowMixin, Transform):
@@ -48,7 +124,8 @@ class ParamFlow(FlowMixin, Transform):
 
     ``ConditionalTransformModule.condition(context)`` returns one of these: the parameters
     are tensors computed from the context, and ``forward``/``inverse`` are pure functions of
-    ``(x, *params)``.
+    ``(x, *params)``. With ``density=True`` the inverse returns ``(x, ladj)`` and the log-det
+    is a function of ``y`` (MAF's density direction), so scoring data takes one inverse pass.
     """
 
     def __init__(
@@ -57,26 +134,48 @@ class ParamFlow(FlowMixin, Transform):
         inverse: InverseFn | None,
         params: tuple[Tensor, ...],
         name: str,
+        input_dim: int,
         cache_size: int = 1,
+        *,
+        density: bool = False,
     ) -> None:
         super().__init__(cache_size=cache_size)
         self._fn = forward
         self._inv_fn = inverse
         self._params = params
         self._name = name
+        self.input_dim = input_dim
+        self._density = density
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._fn(x, *self._params)
 
     def _inverse(self, y: Tensor) -> Tensor:
+        return self._inverse_ladj(y)[0]
+
+    def _inverse_ladj(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
         if self._inv_fn is None:
             raise NotImplementedError(f"{self._name} has no inverse.")
-        return self._inv_fn(y, *self._params)
+        out = self._inv_fn(y, *self._params)
+        return out if self._density else (out, None)
+
+    def _ladj(self, x: Tensor, y: Tensor) -> Tensor:
+        if self._density:  # the log-det is a function of y: one inverse pass, not a forward
+            return self._inv_fn(y, *self._params)[1]
+        return self._forward(x)[1]
 
     def with_cache(self, cache_size: int = 1) -> ParamFlow:
         if self._cache_size == cache_size:
             return self
-        return ParamFlow(self._fn, self._inv_fn, self._params, self._name, cache_size)
+        return ParamFlow(
+            self._fn,
+            self._inv_fn,
+            self._params,
+            self._name,
+            self.input_dim,
+            cache_size,
+            density=self._density,
+        )
 
 
 class FlowModule(FlowMixin, TransformModule):
@@ -97,12 +196,6 @@ class FlowModule(FlowMixin, TransformModule):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"
-
-
-#: Registry families whose layers are triangular in a fixed coordinate order; a parameter-free
-#: reversal is inserted between consecutive layers so every coordinate can depend on every
-#: other (for T-SNF this equals alternating its Q between the identity and the reversal).
-PERMUTED_FLOWS = frozenset({"iaf", "iaf-gated", "sylvester-triangular"})
 
 
 class Reverse(Transform):
@@ -141,71 +234,33 @@ class Reverse(Transform):
         return self if cache_size == self._cache_size else Reverse(cache_size)
 
 
-def _reverse(x: Tensor) -> tuple[Tensor, None]:
-    """The reversal permutation of the event (volume preserving)."""
-    return x.flip(-1), None
+def needs_permutation(layer: object) -> bool:
+    """Whether a permutation belongs between ``layer`` and the next layer of its family.
 
-
-def _reverse_inverse(y: Tensor) -> Tensor:
-    return y.flip(-1)
-
-
-REVERSE: tuple[ForwardFn, InverseFn, tuple[Tensor, ...]] = (_reverse, _reverse_inverse, ())
-
-
-class FlowSequence(FlowMixin, Transform):
-    """Several parameter-free flows applied in one transform, log-dets summed in one loop.
-
-    Equivalent to ``ComposeTransform([ParamFlow(...), ...])`` but with one transform and one
-    cache entry instead of one per layer. In the flow VAE this measured no step-time gain over
-    the plain composition (the layers' own kernels dominate), so :class:`~pyroflows.vae.
-    FlowEncoder` does not use it; planar stacks get their speed from
-    :class:`~pyroflows.transforms.ConditionalPlanarStack` instead. ``steps`` are
-    ``(forward, inverse, params)`` triples; a forward may return ``None`` for its log-det
-    (volume-preserving steps such as :data:`REVERSE`).
+    True for layers with a fixed coordinate order (``autoregressive = True``, as in Pyro's
+    autoregressive transforms, or ``coupling = True``): reversing the coordinates between
+    them lets every coordinate depend on every other (for T-SNF this equals alternating its
+    Q between the identity and the reversal; for coupling layers, alternating the halves).
     """
+    return bool(getattr(layer, "autoregressive", False) or getattr(layer, "coupling", False))
 
-    def __init__(
-        self,
-        steps: list[tuple[ForwardFn, InverseFn | None, tuple[Tensor, ...]]],
-        cache_size: int = 1,
-    ) -> None:
-        super().__init__(cache_size=cache_size)
-        self.steps = steps
 
-    @classmethod
-    def of(cls, flows: list[Transform | tuple]) -> FlowSequence:
-        """Fuse :class:`ParamFlow` s, other sequences and raw step triples into one."""
-        steps: list[tuple] = []
-        for f in flows:
-            if isinstance(f, ParamFlow):
-                steps.append((f._fn, f._inv_fn, f._params))
-            elif isinstance(f, FlowSequence):
-                steps.extend(f.steps)
-            elif isinstance(f, tuple) and len(f) == 3:
-                steps.append(f)
-            else:
-                raise TypeError(f"cannot fuse {type(f).__name__}; expected ParamFlow or a step")
-        return cls(steps)
+def starts_at_identity(layer: object) -> bool:
+    """Whether a freshly built ``layer`` is (near) the identity map (default: true)."""
+    return bool(getattr(layer, "starts_at_identity", True))
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        ladj: Tensor | None = None
-        for fn, _, params in self.steps:
-            x, step_ladj = fn(x, *params)
-            if step_ladj is not None:
-                ladj = step_ladj if ladj is None else ladj + step_ladj
-        if ladj is None:
-            ladj = x.new_zeros(x.shape[:-1])
-        return x, ladj
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        for _, inv, params in reversed(self.steps):
-            if inv is None:
-                raise NotImplementedError("a step of this FlowSequence has no inverse")
-            y = inv(y, *params)
-        return y
+def interleave_permutations(layers: Sequence[Transform]) -> list[Transform]:
+    """``layers`` with a :class:`Reverse` between consecutive ones that need a permutation.
 
-    def with_cache(self, cache_size: int = 1) -> FlowSequence:
-        if self._cache_size == cache_size:
-            return self
-        return FlowSequence(self.steps, cache_size)
+    Example:
+        >>> from pyroflows.transforms import realnvp
+        >>> [type(t).__name__ for t in interleave_permutations([realnvp(3), realnvp(3)])]
+        ['RealNVP', 'Reverse', 'RealNVP']
+    """
+    out: list[Transform] = []
+    for i, layer in enumerate(layers):
+        if i > 0 and needs_permutation(layers[i - 1]) and needs_permutation(layer):
+            out.append(Reverse())
+        out.append(layer)
+    return out

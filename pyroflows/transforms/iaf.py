@@ -131,6 +131,8 @@ class IAF(FlowModule):
         | https://arxiv.org/abs/1606.04934
     """
 
+    autoregressive = True
+
     def __init__(
         self,
         input_dim: int,
@@ -144,6 +146,7 @@ class IAF(FlowModule):
         self.input_dim = check_positive_int("input_dim", input_dim)
         hidden = check_hidden_dims(hidden_dims, [3 * input_dim + 1])
         self.gated, self.forget_bias = _check_gate(gated, forget_bias)
+        self.starts_at_identity = not gated  # the gated update starts as a contraction
         self.made = MADE(input_dim, hidden, 2, 0, permutation)
         self.reset_parameters()
 
@@ -186,6 +189,8 @@ class ConditionalIAF(ConditionalTransformModule):
         torch.Size([2, 3])
     """
 
+    autoregressive = True
+
     def __init__(
         self,
         input_dim: int,
@@ -201,6 +206,7 @@ class ConditionalIAF(ConditionalTransformModule):
         self.context_dim = check_positive_int("context_dim", context_dim)
         hidden = check_hidden_dims(hidden_dims, [10 * input_dim])
         self.gated, self.forget_bias = _check_gate(gated, forget_bias)
+        self.starts_at_identity = not gated  # the gated update starts as a contraction
         self.made = MADE(input_dim, hidden, 2, context_dim, permutation)
         self.reset_parameters()
 
@@ -213,7 +219,8 @@ class ConditionalIAF(ConditionalTransformModule):
         bias = self.forget_bias if self.gated else _AFFINE_SHIFT
         forward, inverse = _FNS[self.gated]
         name = "GatedIAF" if self.gated else "IAF"
-        return ParamFlow(forward, inverse, (self.made.weights(context), bias), name)
+        params = (self.made.weights(context), bias)
+        return ParamFlow(forward, inverse, params, name, self.input_dim)
 
 
 def _orders(input_dim: int, num_flows: int) -> list[Tensor]:

@@ -174,7 +174,7 @@ class ConditionalPlanar(ConditionalTransformModule):
         u, w, b = split_params(self.nn(context), self.param_dims)
         u_hat, one_plus_c = planar_u_hat(u, w)
         params = (u_hat, w, b.squeeze(-1), one_plus_c)
-        return ParamFlow(_planar, _planar_inverse, params, "Planar")
+        return ParamFlow(_planar, _planar_inverse, params, "Planar", self.input_dim)
 
 
 def planar_stack_inverse(
@@ -234,7 +234,7 @@ class ConditionalPlanarStack(ConditionalTransformModule):
         u, w, b = split_params(out, self.param_dims)  # (K, *batch, ·)
         u_hat, one_plus_c = planar_u_hat(u, w)
         params = (u_hat, w, b.squeeze(-1), one_plus_c)
-        return ParamFlow(planar_stack, planar_stack_inverse, params, "PlanarStack")
+        return ParamFlow(planar_stack, planar_stack_inverse, params, "PlanarStack", self.input_dim)
 
 
 def planar(input_dim: int) -> Planar:

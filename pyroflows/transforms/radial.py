@@ -147,7 +147,7 @@ class ConditionalRadial(ConditionalTransformModule):
         check_context(context, self.context_dim)
         x0, alpha_raw, beta_raw = split_params(self.nn(context), self.param_dims)
         alpha, gamma = radial_alpha_gamma(alpha_raw.squeeze(-1), beta_raw.squeeze(-1))
-        return ParamFlow(_radial, _radial_inverse, (x0, alpha, gamma), "Radial")
+        return ParamFlow(_radial, _radial_inverse, (x0, alpha, gamma), "Radial", self.input_dim)
 
 
 def radial(input_dim: int) -> Radial:

@@ -225,6 +225,8 @@ class Sylvester(FlowModule):
         super().__init__(cache_size=1)
         self.spec = make_q_spec(input_dim, kind, num_ortho_vecs, num_householder, permute)
         self.input_dim = input_dim
+        # T-SNF's Jacobian is triangular in a fixed order: permute between layers
+        self.autoregressive = kind == "triangular"
         q_dim, k, _, m, _, _ = _raw_dims(self.spec)
         self.q_raw = nn.Parameter(torch.empty(q_dim)) if q_dim else None
         self.r_off = nn.Parameter(torch.empty(k))
@@ -291,6 +293,8 @@ class ConditionalSylvester(ConditionalTransformModule):
         super().__init__()
         self.spec = make_q_spec(input_dim, kind, num_ortho_vecs, num_householder, permute)
         self.input_dim = input_dim
+        # T-SNF's Jacobian is triangular in a fixed order: permute between layers
+        self.autoregressive = kind == "triangular"
         self.context_dim = check_positive_int("context_dim", context_dim)
         hidden = check_hidden_dims(hidden_dims, [4 * input_dim, 4 * input_dim])
         self.param_dims = _raw_dims(self.spec)
@@ -305,7 +309,8 @@ class ConditionalSylvester(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         raws = split_params(self.nn(context), self.param_dims)
-        return ParamFlow(_sylvester, _sylvester_inverse, _params(self.spec, raws), "Sylvester")
+        params = _params(self.spec, raws)
+        return ParamFlow(_sylvester, _sylvester_inverse, params, "Sylvester", self.input_dim)
 
 
 def sylvester(
