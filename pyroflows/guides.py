@@ -20,7 +20,7 @@ from torch.distributions import Transform, biject_to
 
 from pyroflows import transforms as _transforms
 from pyroflows._utils import check_positive_int
-from pyroflows.transforms._base import PERMUTED_FLOWS, Reverse
+from pyroflows.transforms._base import interleave_permutations
 
 _BASES = ("diagonal", "full")
 
@@ -88,6 +88,13 @@ def _check_sites(trace: Trace) -> None:
             "is observed); there is nothing to infer. Use an empty guide "
             "(def guide(*args, **kwargs): pass) instead."
         )
+
+
+def _set_constrained(module: nn.Module, name: str, value: Tensor) -> None:
+    """Set a ``PyroParam`` in place (the param store keeps pointing at the same tensor)."""
+    constraint = module._pyro_params[name][0]
+    raw = getattr(module, name + "_unconstrained")
+    raw.data.copy_(torch.distributions.transform_to(constraint).inv(value))
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -199,21 +206,19 @@ class AutoFlowGuide(AutoContinuous):
         self.flows = self._build_flows(self.latent_dim).to(device=loc.device, dtype=loc.dtype)
 
     def _build_flows(self, latent_dim: int) -> ComposeTransformModule:
-        """Stack ``num_flows`` layers, reversing the coordinates between triangular ones."""
-        parts: list[Transform] = []
-        for i in range(self.num_flows):
+        """Stack ``num_flows`` layers, reversing the coordinates between layers whose class
+        declares a fixed coordinate order (:func:`~pyroflows.transforms._base.
+        needs_permutation`: autoregressive and coupling layers)."""
+        layers: list[Transform] = []
+        for _ in range(self.num_flows):
             layer = self._flow_factory(latent_dim, **self._flow_kwargs)
             if not isinstance(layer, Transform):
                 raise TypeError(
                     f"flow {self.flow!r} must return a torch Transform (e.g. a Pyro "
                     f"TransformModule); got {type(layer).__name__}"
                 )
-            named = isinstance(self.flow, str) and self.flow in PERMUTED_FLOWS
-            permute = named or getattr(layer, "autoregressive", False)
-            if i > 0 and permute:
-                parts.append(Reverse())
-            parts.append(layer)
-        return ComposeTransformModule(parts)
+            layers.append(layer)
+        return ComposeTransformModule(interleave_permutations(layers))
 
     def _affine(self) -> Transform:
         """The map ``ε' -> loc + L ε'`` after the flows; cached so samples score exactly."""
@@ -222,18 +227,76 @@ class AutoFlowGuide(AutoContinuous):
             return dist.transforms.LowerCholeskyAffine(self.loc, scale_tril).with_cache(1)
         return dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
 
+    def _parts(self) -> list[Transform]:
+        """Flows, the learnable affine map and, if set, the fixed preconditioner."""
+        parts = [self.flows, self._affine()]
+        if self.preconditioned:
+            pre = dist.transforms.LowerCholeskyAffine(self.precond_loc, self.precond_scale_tril)
+            parts.append(pre.with_cache(1))
+        return parts
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether :meth:`precondition` has set a fixed affine map after the learnable one."""
+        return "precond_loc" in self._buffers
+
+    @torch.no_grad()
+    def precondition(self, loc: Tensor, scale_tril: Tensor) -> None:
+        r"""Work in whitened coordinates :math:`z = c + L_0 (\mu + L\, f(\epsilon))`.
+
+        Sets a fixed (non-trainable) location :math:`c` and lower-triangular factor
+        :math:`L_0`, typically the mode and the Laplace factor :math:`L_0 L_0^\top =
+        H^{-1}`, and resets the learnable map to :math:`\mu = 0`, :math:`L = I`. With the
+        flows at the identity the guide is then exactly :math:`N(c, L_0 L_0^\top)`, and the
+        learnable parameters live where the posterior is close to isotropic, which is where
+        stochastic optimisers work (:class:`pyroflows.VI` calls this). The preconditioner is
+        saved in ``state_dict`` and used by sampling, :meth:`get_posterior`,
+        :meth:`get_transform` (so ``NeuTraReparam``), :meth:`median` and :meth:`quantiles`.
+
+        Args:
+            loc: Location :math:`c`, shape ``(latent_dim,)``.
+            scale_tril: Lower-triangular :math:`L_0` with a positive diagonal,
+                shape ``(latent_dim, latent_dim)``.
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError("call the guide (or VI.run) once before precondition()")
+        d = self.latent_dim
+        loc = torch.as_tensor(loc).to(self.loc)
+        scale_tril = torch.as_tensor(scale_tril).to(self.loc)
+        if loc.shape != (d,) or scale_tril.shape != (d, d):
+            raise ValueError(
+                f"precondition expects loc ({d},) and scale_tril ({d}, {d}); got "
+                f"{tuple(loc.shape)} and {tuple(scale_tril.shape)}"
+            )
+        diag = scale_tril.diagonal()
+        if not bool(torch.isfinite(scale_tril).all() and (diag > 0).all()):
+            raise ValueError("scale_tril must be finite and lower-triangular with diag > 0")
+        self.register_buffer("precond_loc", loc.clone())
+        self.register_buffer("precond_scale_tril", scale_tril.tril().clone())
+        self.loc.zero_()
+        _set_constrained(self, "scale", torch.ones_like(self.loc))
+        if self.base == "full":
+            _set_constrained(self, "scale_tril", torch.eye(d).to(self.loc))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # a preconditioned guide's state loads into a fresh guide of the same configuration
+        for name in ("precond_loc", "precond_scale_tril"):
+            if prefix + name in state_dict and name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def get_base_dist(self) -> dist.Distribution:
         """The standard normal :math:`N(0, I_D)` that the flows and the affine map push."""
         zero = torch.zeros_like(self.loc)
         return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
-        r"""The flows followed by the learnable affine map :math:`\mu + L\,\cdot`."""
-        return dist.transforms.ComposeTransform([self.flows, self._affine()])
+        r"""The flows, the learnable affine map :math:`\mu + L\,\cdot` and the preconditioner."""
+        return dist.transforms.ComposeTransform(self._parts())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        return dist.TransformedDistribution(self.get_base_dist(), [self.flows, self._affine()])
+        return dist.TransformedDistribution(self.get_base_dist(), self._parts())
 
     def _ensure_prototype(self, *args: Any, **kwargs: Any) -> None:
         if self.prototype_trace is None:

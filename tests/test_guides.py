@@ -20,9 +20,9 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_val
 from pyro.infer.importance import psis_diagnostic, vectorized_importance_weights
 from pyro.optim import ClippedAdam
 
-from pyroflows.guides import AutoFlowGuide, Reverse
+from pyroflows.guides import AutoFlowGuide
 from pyroflows.transforms import FLOWS
-from pyroflows.transforms._base import starts_at_identity
+from pyroflows.transforms._base import Reverse, starts_at_identity
 from tests.conftest import randomize_
 
 F64 = torch.float64

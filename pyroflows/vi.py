@@ -1,0 +1,765 @@
+r"""``pyroflows.VI``: fit an autoguide without tuning, MCMC-style.
+
+:class:`VI` runs, in order (each step a small function of this module or of
+:mod:`pyroflows._mode`):
+
+1. **Mode and Laplace start** (:func:`~pyroflows._mode.find_mode`,
+   :func:`~pyroflows._mode.laplace_factor`): MAP in unconstrained space from several starts,
+   polished by Newton steps on the exact Hessian; the guide then starts *at* the Laplace
+   approximation, expressed in whitened coordinates :math:`z = c + L_0(m + T f(\epsilon))`.
+2. **Step size** (:func:`choose_step_size`): short Adam pilots over a grid, judged by the
+   ELBO on fresh draws (common random numbers), not by the training loss.
+3. **Stopping rule** (:class:`ConvergenceMonitor`) with learning-rate decay on plateaus,
+   **iterate averaging** (:class:`IterateAverage`) over the final phase, and non-finite steps
+   skipped and counted.
+4. **Restarts** (:func:`select_fit`), and an **honest report** (:func:`importance_report`):
+   PSIS k-hat, importance-sampling ESS, log-evidence with its standard error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer.autoguide import AutoGuide
+from torch import Tensor
+
+from pyroflows._arviz import psislw
+from pyroflows._mode import Mode, find_mode, laplace_factor
+from pyroflows._potential import LogDensity, prototype_trace
+from pyroflows._utils import check_positive_int
+from pyroflows._vi_targets import Target, make_target
+from pyroflows.guides import AutoFlowGuide
+
+__all__ = [
+    "VI",
+    "ConvergenceMonitor",
+    "FitResult",
+    "IterateAverage",
+    "choose_step_size",
+    "importance_report",
+    "select_fit",
+]
+
+KHAT_USABLE = 0.7
+
+
+# ---------------------------------------------------------------- stopping rule
+class ConvergenceMonitor:
+    r"""Detects when a noisy loss trace has stopped improving.
+
+    A variant of the rule of Stan's ADVI (Kucukelbir et al. 2017, Sec. 3.3), which compares
+    running means of the ELBO: here the means of two consecutive windows of ``window``
+    per-step losses are compared in *nats* (so the rule does not depend on the model's
+    additive constant, as ADVI's relative change does) and against their Monte-Carlo
+    standard error. The trace has plateaued when the improvement of the last window over
+    the one before is below ``z`` standard errors plus ``tol`` nats; a run that is still
+    improving by more than its noise is never stopped.
+
+    Args:
+        window: Steps per window.
+        tol: Absolute tolerance in nats per window.
+        z: Number of standard errors an improvement must exceed to count.
+    """
+
+    def __init__(self, window: int = 100, tol: float = 0.01, z: float = 2.0) -> None:
+        self.window = check_positive_int("window", window)
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"tol must be a finite float >= 0; got {tol!r}")
+        self.tol, self.z = float(tol), float(z)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the trace (after a learning-rate change)."""
+        self._values: list[float] = []
+        self.last_improvement = float("nan")
+
+    def update(self, loss: float) -> bool:
+        """Record one finite loss; ``True`` when the trace has plateaued."""
+        self._values.append(float(loss))
+        n = len(self._values)
+        if n < 2 * self.window or n % self.window:
+            return False
+        prev = np.asarray(self._values[-2 * self.window : -self.window])
+        last = np.asarray(self._values[-self.window :])
+        improvement = prev.mean() - last.mean()
+        se = math.sqrt((prev.var(ddof=1) + last.var(ddof=1)) / self.window)
+        self.last_improvement = float(improvement)
+        return bool(improvement < self.z * se + self.tol)
+
+
+# ---------------------------------------------------------------- iterate averaging
+class IterateAverage:
+    """Running mean of a list of tensors (Polyak-Ruppert averaging of the iterates)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.mean = [p.detach().clone() for p in self.params]
+        self.count = 1
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        for m, p in zip(self.mean, self.params, strict=True):
+            m.add_(p.detach() - m, alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the parameters' values with the averages (call twice to undo)."""
+        for m, p in zip(self.mean, self.params, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(m)
+            m.copy_(tmp)
+
+
+# ---------------------------------------------------------------- ELBO and PSIS
+@dataclass
+class ImportanceReport:
+    """Importance-sampling summary of ``q`` against the model (see :func:`importance_report`)."""
+
+    elbo: float
+    elbo_se: float
+    khat: float
+    ess: float
+    log_evidence: float
+    log_evidence_se: float
+    num_draws: int
+
+    @property
+    def band(self) -> str:
+        if not math.isfinite(self.khat):
+            return "unavailable"
+        if self.khat < 0.5:
+            return "good"
+        return "usable" if self.khat < KHAT_USABLE else "unreliable"
+
+
+def importance_report(log_w: Tensor) -> ImportanceReport:
+    r"""ELBO, PSIS k-hat, IS-ESS and :math:`\log \hat p(x)` from raw log ratios ``(S,)``.
+
+    The log-evidence estimate is :math:`\log \frac1S \sum_i w_i` with the delta-method
+    standard error :math:`\mathrm{sd}(w) / (\sqrt{S}\, \bar w)`; it is trustworthy only when
+    k-hat < 0.7 (Yao et al. 2018).
+    """
+    lw = log_w.detach().double().cpu().numpy()
+    s = lw.size
+    finite = np.isfinite(lw)
+    if not finite.all():
+        nan = float("nan")
+        elbo = float(lw.mean()) if not np.isnan(lw).any() else nan
+        return ImportanceReport(elbo, nan, float("inf"), 0.0, nan, nan, s)
+    elbo, elbo_se = float(lw.mean()), float(lw.std(ddof=1) / math.sqrt(s))
+    w = np.exp(lw - lw.max())
+    log_z = float(np.log(w.mean()) + lw.max())
+    log_z_se = float(w.std(ddof=1) / (math.sqrt(s) * w.mean()))
+    if np.ptp(lw) < 1e-9 * (1.0 + abs(elbo)):  # q is the posterior: every ratio is equal
+        return ImportanceReport(elbo, elbo_se, -math.inf, float(s), log_z, log_z_se, s)
+    smoothed, khat = psislw(lw)
+    ws = np.exp(smoothed - np.logaddexp.reduce(smoothed))
+    return ImportanceReport(elbo, elbo_se, khat, float(1.0 / np.sum(ws**2)), log_z, log_z_se, s)
+
+
+@torch.no_grad()
+def _draw_log_weights(
+    target: Target, log_density: LogDensity, n: int, seed: int | None
+) -> tuple[Tensor, Tensor]:
+    """``n`` packed draws of the guide and their log ratios ``log p - log q``."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        q = target.posterior()
+        z = q.sample((n,))
+        log_q = q.log_prob(z)
+    return z, log_density(z) - log_q
+
+
+# ---------------------------------------------------------------- optimisation
+def _loss_fn(target: Target, log_density: LogDensity, particles: int) -> Callable[[], Tensor]:
+    """The negative ``particles``-sample reparameterised ELBO of ``target``."""
+
+    def loss() -> Tensor:
+        q = target.posterior()
+        z = q.rsample((particles,))
+        return (q.log_prob(z) - log_density(z)).mean()
+
+    return loss
+
+
+def _step(opt: torch.optim.Optimizer, params: list[Tensor], loss_fn: Callable) -> float | None:
+    """One Adam step; ``None`` (and no update) when the loss or a gradient is not finite."""
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    if not bool(torch.isfinite(loss)):
+        return None
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return None
+    opt.step()
+    return float(loss.detach())
+
+
+@dataclass
+class _Run:
+    """Bookkeeping shared by the pilots and the main phase of one fit."""
+
+    steps: int = 0
+    skipped: int = 0
+    trace: list[float] = field(default_factory=list)
+
+
+def _adam_steps(
+    target: Target,
+    loss_fn: Callable,
+    lr: float,
+    steps: int,
+    run: _Run,
+    on_step: Callable[[], None] | None = None,
+) -> None:
+    """``steps`` Adam steps (non-finite ones skipped and counted)."""
+    params = target.params()
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = _step(opt, params, loss_fn)
+        run.steps += 1
+        if loss is None:
+            run.skipped += 1
+        else:
+            run.trace.append(loss)
+        if on_step is not None:
+            on_step()
+
+
+def choose_step_size(
+    target: Target,
+    loss_fn: Callable,
+    score: Callable[[], float],
+    step_sizes: Sequence[float],
+    pilot_steps: int,
+    run: _Run,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[float, list[tuple[float, float]]]:
+    """Run a short Adam pilot per step size from the same start; keep the best.
+
+    Each pilot is judged by ``score()`` (an ELBO on fresh draws with common random numbers,
+    higher is better), not by its own noisy training loss. The target is left in the best
+    pilot's final state.
+
+    Returns:
+        ``(best step size, [(step size, score), ...])``.
+    """
+    start = target.state()
+    results, best = [], (-math.inf, None, None)
+    for lr in step_sizes:
+        target.load(start)
+        _adam_steps(target, loss_fn, lr, pilot_steps, run, on_step)
+        value = score()
+        results.append((lr, value))
+        if math.isfinite(value) and value > best[0]:
+            best = (value, lr, target.state())
+    if best[1] is None:  # every pilot ended non-finite: the smallest step from the start
+        target.load(start)
+        return min(step_sizes), results
+    target.load(best[2])
+    return best[1], results
+
+
+@dataclass
+class FitResult:
+    """One restart of :class:`VI`: how it started, ran and scored."""
+
+    restart: int
+    init: str
+    whitened: bool
+    lr: float
+    pilots: list[tuple[float, float]]
+    steps: int
+    skipped: int
+    converged: bool
+    averaged: bool
+    report: ImportanceReport
+    seconds: float
+    state: dict[str, Tensor] = field(repr=False)
+    trace: list[float] = field(repr=False)
+
+
+def select_fit(fits: Sequence[FitResult]) -> int:
+    """Index of the fit to keep: highest ELBO on fresh draws among fits with k-hat < 0.7.
+
+    If no fit reaches k-hat < 0.7, the highest ELBO among all fits. Fits whose ELBO is not
+    finite are never chosen while another is finite.
+    """
+    if not fits:
+        raise ValueError("select_fit needs at least one fit")
+
+    def key(i: int) -> tuple[bool, bool, float]:
+        r = fits[i].report
+        finite = math.isfinite(r.elbo)
+        return finite, r.khat < KHAT_USABLE, r.elbo if finite else -math.inf
+
+    return max(range(len(fits)), key=key)
+
+
+# ---------------------------------------------------------------- the driver
+def _check_step_sizes(step_sizes: object) -> tuple[float, ...]:
+    ok = isinstance(step_sizes, Sequence) and not isinstance(step_sizes, str) and step_sizes
+    values = tuple(step_sizes) if ok else ()
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values
+    ):
+        raise ValueError(
+            f"step_sizes must be a non-empty sequence of positive finite floats; got "
+            f"{step_sizes!r}"
+        )
+    return tuple(float(v) for v in values)
+
+
+def _check_fraction(name: str, value: object) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 < value < 1:
+        raise ValueError(f"{name} must be a float in (0, 1); got {value!r}")
+    return float(value)
+
+
+def _check_nonneg_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+    return value
+
+
+def default_guide(model: Callable) -> AutoFlowGuide:
+    """The guide :class:`VI` fits when none is given: a full-rank IAF flow guide."""
+    return AutoFlowGuide(model, flow="iaf", num_flows=2, base="full")
+
+
+class VI:
+    r"""Fit an autoguide automatically: an MCMC-shaped driver for variational inference.
+
+    Swap ``MCMC(NUTS(model))`` for ``VI(model)``: :meth:`run` finds the posterior mode and
+    starts the guide at the Laplace approximation in whitened coordinates, chooses Adam's
+    step size by short pilot runs, optimises the reparameterised ELBO until a stopping rule
+    says the ELBO no longer improves (decaying the step size on each plateau and averaging
+    the iterates of the last phase), optionally restarts, and reports how good the fitted
+    posterior is (PSIS k-hat, importance-sampling ESS, log-evidence). Steps whose loss or
+    gradient is not finite are skipped and counted. See the module docstring of
+    :mod:`pyroflows.vi` for the pieces.
+
+    Works with models written for a single draw (the log-density is vectorised over
+    particles with ``torch.func.vmap``, else looped) and with any ``AutoContinuous`` guide,
+    ``AutoNormal`` and :class:`~pyroflows.AutoFlowGuide` (the default). Afterwards
+    ``vi.guide`` is an ordinary fitted guide: ``Predictive``, ``state_dict``, ``median``,
+    ``NeuTraReparam``.
+
+    Args:
+        model: A Pyro model with continuous latent sites.
+        guide: An autoguide for ``model``; default :func:`default_guide`
+            (``AutoFlowGuide(model, flow="iaf", num_flows=2, base="full")``).
+        num_particles: Draws per ELBO gradient estimate.
+        max_steps: Adam step budget per restart, pilots included.
+        num_restarts: Independent fits (different seeds; the r-th uses the r-th best
+            distinct mode found); the best by :func:`select_fit` is kept.
+        step_sizes: Adam step sizes tried by the pilots.
+        pilot_steps: Steps of each pilot run.
+        window: Steps per window of the stopping rule (:class:`ConvergenceMonitor`).
+        tol: Absolute tolerance of the stopping rule, nats per window.
+        num_decays: Step-size decays (one per plateau) before the final, averaged phase.
+        decay: Factor of each decay.
+        num_starts: Starting points of the mode search (the guide's ``init_loc_fn``
+            location, then uniform jitter in (-2, 2) around it, in unconstrained space).
+        max_hessian_dim: Largest latent dimension for which the exact Hessian is computed
+            (Newton polish and Laplace start); above it the search ends with L-BFGS and the
+            guide starts at the mode without whitening.
+        num_draws: Guide draws behind the final PSIS report and :meth:`summary`.
+        num_score_draws: Draws of the ELBO estimates that compare pilots and averaging.
+        seed: Seed for everything random in :meth:`run` (``None``: the global RNG state).
+        progress_bar: Show a tqdm progress bar.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> vi = VI(model, progress_bar=False, seed=0).run(torch.tensor([0.5, 1.5]))
+        >>> vi.get_samples(100)["mu"].shape
+        torch.Size([100])
+        >>> vi.diagnostics()["khat"] < 0.5
+        True
+
+    References:
+        | Automatic Differentiation Variational Inference (Kucukelbir et al., 2017)
+        | https://arxiv.org/abs/1603.00788
+        | Robust, Accurate Stochastic Optimization for VI (Dhaka et al., 2020)
+        | https://arxiv.org/abs/2009.00666
+        | Advances in Black-Box VI: Normalizing Flows, Importance Weighting, and Optimization
+        | (Agrawal, Sheldon & Domke, 2020) https://arxiv.org/abs/2006.10343
+        | Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018)
+        | https://arxiv.org/abs/1802.02538
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any = None,
+        *,
+        num_particles: int = 8,
+        max_steps: int = 10_000,
+        num_restarts: int = 1,
+        step_sizes: Sequence[float] = (0.1, 0.03, 0.01, 0.003),
+        pilot_steps: int = 100,
+        window: int = 100,
+        tol: float = 0.01,
+        num_decays: int = 2,
+        decay: float = 0.3,
+        num_starts: int = 4,
+        max_hessian_dim: int = 2000,
+        num_draws: int = 2000,
+        num_score_draws: int = 512,
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model; got {type(model).__name__}")
+        guide = default_guide(model) if guide is None else guide
+        if not isinstance(guide, AutoGuide):
+            raise TypeError(
+                f"guide must be a Pyro autoguide (AutoFlowGuide, AutoNormal or an "
+                f"AutoContinuous guide); got {type(guide).__name__}"
+            )
+        self.model, self.guide = model, guide
+        self.num_particles = check_positive_int("num_particles", num_particles)
+        self.max_steps = check_positive_int("max_steps", max_steps)
+        self.num_restarts = check_positive_int("num_restarts", num_restarts)
+        self.step_sizes = _check_step_sizes(step_sizes)
+        self.pilot_steps = _check_nonneg_int("pilot_steps", pilot_steps)
+        self.monitor = ConvergenceMonitor(window, tol)
+        self.num_decays = _check_nonneg_int("num_decays", num_decays)
+        self.decay = _check_fraction("decay", decay)
+        self.num_starts = check_positive_int("num_starts", num_starts)
+        self.max_hessian_dim = _check_nonneg_int("max_hessian_dim", max_hessian_dim)
+        self.num_draws = check_positive_int("num_draws", num_draws)
+        if self.num_draws < 25:
+            raise ValueError(f"num_draws must be >= 25 for PSIS; got {num_draws!r}")
+        self.num_score_draws = check_positive_int("num_score_draws", num_score_draws)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None; got {seed!r}")
+        self.seed = seed
+        self.progress_bar = bool(progress_bar)
+        self.fits: list[FitResult] = []
+        self._result: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ run
+    def run(self, *args: Any, **kwargs: Any) -> VI:
+        """Fit the guide to the posterior of ``model(*args, **kwargs)``; returns ``self``."""
+        start = time.perf_counter()
+        if self.seed is not None:
+            pyro.set_rng_seed(self.seed)
+        self._args, self._kwargs = args, kwargs
+        trace = prototype_trace(self.model, self.guide, args, kwargs)
+        self.log_density = LogDensity(self.model, trace, args, kwargs)
+        self._target = make_target(self.guide, args, kwargs)
+        initial = self._target.state()
+        modes, searches = self._find_modes(trace)
+        self.fits = []
+        for r in range(self.num_restarts):
+            if self.seed is not None:
+                pyro.set_rng_seed(self.seed + 1 + r)
+            self._target.load(initial)
+            mode = modes[r % len(modes)] if modes else None
+            self.fits.append(self._fit(r, mode, searches))
+        best = select_fit(self.fits)
+        self._target.load(self.fits[best].state)
+        self._target.finish()
+        mode_evals = sum(m.evaluations for m in searches)
+        self._result = dict(
+            best=best,
+            searches=searches,
+            gradient_evaluations=mode_evals + sum(f.steps for f in self.fits) * self.num_particles,
+            seconds=time.perf_counter() - start,
+        )
+        self._warn()
+        return self
+
+    def _find_modes(self, trace: Any) -> tuple[list[Mode], list[Mode]]:
+        """Mode search from ``num_starts`` points; the distinct modes found, best first."""
+        ld = self.log_density
+        z0 = ld.pack({s.name: trace.nodes[s.name]["value"] for s in ld.sites}).detach()
+        starts = [z0] + [z0 + 4 * torch.rand_like(z0) - 2 for _ in range(self.num_starts - 1)]
+        hessian = ld.dim <= self.max_hessian_dim
+        searches = [find_mode(ld, z, hessian=hessian) for z in starts]
+        found = sorted((m for m in searches if m.found), key=lambda m: -m.log_density)
+        distinct: list[Mode] = []
+        for m in found:
+            if not any(_same_mode(m, d) for d in distinct):
+                distinct.append(m)
+        return distinct, searches
+
+    def _fit(self, restart: int, mode: Mode | None, searches: list[Mode]) -> FitResult:
+        """One restart: start, choose the step size, optimise, average, report."""
+        start = time.perf_counter()
+        target, ld = self._target, self.log_density
+        init, whitened = self._start(mode, searches)
+        crn_seed = int(torch.randint(2**31 - 1, ()))
+
+        def score() -> float:
+            value = float(_draw_log_weights(target, ld, self.num_score_draws, crn_seed)[1].mean())
+            return value if math.isfinite(value) else -math.inf
+
+        loss_fn = _loss_fn(target, ld, self.num_particles)
+        run, initial = _Run(), target.state()
+        with _progress(self, restart) as bar:
+            lr, pilots = choose_step_size(
+                target, loss_fn, score, self.step_sizes, self.pilot_steps, run, bar
+            )
+            converged, averaged = self._optimise(loss_fn, lr, run, bar, score)
+        if whitened and _better_start(target, initial, score):
+            init += "; kept as is: it scored higher than every optimised state"
+        report = importance_report(_draw_log_weights(target, ld, self.num_draws, None)[1])
+        return FitResult(
+            restart,
+            init,
+            whitened,
+            lr,
+            pilots,
+            run.steps,
+            run.skipped,
+            converged,
+            averaged,
+            report,
+            time.perf_counter() - start,
+            target.state(),
+            run.trace,
+        )
+
+    def _start(self, mode: Mode | None, searches: list[Mode]) -> tuple[str, bool]:
+        """Put the guide at the Laplace approximation (or say why not)."""
+        if mode is None:
+            reasons = sorted({m.message for m in searches})
+            self._target.start(None, None, None)
+            return "init_loc_fn (no mode: " + "; ".join(reasons) + ")", False
+        factor = laplace_factor(mode.hessian) if mode.hessian is not None else None
+        whitened = self._target.start(mode.z, factor, mode.hessian)
+        if factor is None:
+            return "mode (no Laplace factor: Hessian not computed)", whitened
+        return "Laplace approximation at the mode", whitened
+
+    def _optimise(
+        self, loss_fn: Callable, lr: float, run: _Run, bar: Any, score: Callable[[], float]
+    ) -> tuple[bool, bool]:
+        """Adam until the stopping rule fires in the last phase; returns (converged, averaged)."""
+        params = self._target.params()
+        opt = torch.optim.Adam(params, lr=lr)
+        monitor, phase, converged = self.monitor, 0, False
+        monitor.reset()
+        average = IterateAverage(params) if self.num_decays == 0 else None
+        bad_in_a_row = 0
+        while run.steps < self.max_steps and bad_in_a_row < 10 * monitor.window:
+            loss = _step(opt, params, loss_fn)
+            run.steps += 1
+            bar()
+            if loss is None:
+                run.skipped, bad_in_a_row = run.skipped + 1, bad_in_a_row + 1
+                continue
+            bad_in_a_row = 0
+            run.trace.append(loss)
+            if average is not None:
+                average.update()
+            if monitor.update(loss):
+                if phase == self.num_decays:
+                    converged = True
+                    break
+                phase += 1
+                for group in opt.param_groups:
+                    group["lr"] *= self.decay
+                monitor.reset()
+                if phase == self.num_decays:
+                    average = IterateAverage(params)
+        return converged, average is not None and _keep_average(average, score)
+
+    def _warn(self) -> None:
+        fit = self.fits[self._result["best"]]
+        if fit.report.khat >= KHAT_USABLE:
+            warnings.warn(
+                f"VI: PSIS k-hat = {fit.report.khat:.2f} >= 0.7: the fitted guide misses "
+                "posterior mass; do not trust its tails or uncertainties (try another flow, "
+                "more flow layers, or MCMC).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not fit.converged:
+            warnings.warn(
+                f"VI: the ELBO had not converged after {fit.steps} steps "
+                f"({fit.skipped} skipped as non-finite); raise max_steps or check the model.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------ results
+    def _check_ran(self) -> None:
+        if self._result is None:
+            raise RuntimeError("call VI.run(*model_args, **model_kwargs) first")
+
+    @torch.no_grad()
+    def get_samples(self, num_samples: int = 1000, *, resample: bool = False) -> dict[str, Tensor]:
+        """Posterior draws of every latent site in constrained space, like ``MCMC.get_samples``.
+
+        Args:
+            num_samples: Number of draws.
+            resample: Draw ``max(num_draws, 4 num_samples)`` guide samples and resample
+                ``num_samples`` of them (with replacement) by their PSIS-smoothed importance
+                weights, which corrects a guide that is close to, but not at, the posterior.
+
+        Returns:
+            A dict mapping each latent site to a tensor ``(num_samples, *site_shape)``.
+        """
+        self._check_ran()
+        check_positive_int("num_samples", num_samples)
+        if not resample:
+            return self.log_density.unpack(self._target.posterior().sample((num_samples,)))
+            n = max(self.num_draws, 4 * num_samples)
+        z, log_w = _draw_log_weights(self._target, self.log_density, n, None)
+        if not bool(torch.isfinite(log_w).all()):
+            raise ValueError("resample=True needs finite importance weights; some are not")
+        smoothed, _ = psislw(log_w.double().cpu().numpy())
+        probs = torch.as_tensor(np.exp(smoothed - smoothed.max()))
+        index = torch.multinomial(probs, num_samples, replacement=True).to(z.device)
+        return self.log_density.unpack(z[index])
+
+    def diagnostics(self) -> dict[str, Any]:
+        """How the fit went: convergence, cost, k-hat, ESS, log-evidence, every restart."""
+        self._check_ran()
+        res, fit = self._result, self.fits[self._result["best"]]
+        r = fit.report
+        return dict(
+            converged=fit.converged,
+            khat=r.khat,
+            khat_band=r.band,
+            ess=r.ess,
+            num_draws=r.num_draws,
+            elbo=r.elbo,
+            elbo_se=r.elbo_se,
+            log_evidence=r.log_evidence,
+            log_evidence_se=r.log_evidence_se,
+            steps=sum(f.steps for f in self.fits),
+            skipped_steps=sum(f.skipped for f in self.fits),
+            gradient_evaluations=res["gradient_evaluations"],
+            log_density_evaluations=self.log_density.evaluations,
+            seconds=res["seconds"],
+            init=fit.init,
+            whitened=fit.whitened,
+            step_size=fit.lr,
+            averaged=fit.averaged,
+            vectorized=self.log_density.method,
+            mode_search=[m.message for m in res["searches"]],
+            best_restart=res["best"],
+            restarts=[_fit_summary(f) for f in self.fits],
+        )
+
+    def summary(self, prob: float = 0.9) -> None:
+        """Print a per-site table (mean, sd, median, ``prob`` interval) and the diagnostics."""
+        self._check_ran()
+        prob = _check_fraction("prob", prob)
+        print(_summary_table(self.get_samples(self.num_draws), prob))
+        print(_diagnostics_text(self.diagnostics()))
+
+
+def _same_mode(a: Mode, b: Mode) -> bool:
+    diff = a.z - b.z
+    if b.hessian is not None:
+        return float(diff @ b.hessian @ diff) < 1e-2
+    return bool((diff.abs() <= 1e-4 * (1 + b.z.abs())).all())
+
+
+def _better_start(target: Target, initial: dict[str, Tensor], score: Callable) -> bool:
+    """Return to the (Laplace) start if it scores higher than the fitted state."""
+    fitted = target.state()
+    fitted_score = score()
+    target.load(initial)
+    if score() > fitted_score:
+        return True
+    target.load(fitted)
+    return False
+
+
+def _keep_average(average: IterateAverage, score: Callable[[], float]) -> bool:
+    """Swap in the averaged iterates if they score at least as well as the last iterate."""
+    last = score()
+    average.swap()
+    if score() >= last:
+        return True
+    average.swap()
+    return False
+
+
+class _progress:
+    """A tqdm bar for one restart, used as ``bar()`` once per step."""
+
+    def __init__(self, vi: VI, restart: int) -> None:
+        from tqdm.auto import tqdm
+
+        desc = "VI" if vi.num_restarts == 1 else f"VI restart {restart + 1}/{vi.num_restarts}"
+        self.bar = tqdm(total=vi.max_steps, desc=desc, disable=not vi.progress_bar, leave=False)
+
+    def __enter__(self) -> Callable[[], None]:
+        return lambda: self.bar.update()
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _fit_summary(f: FitResult) -> dict[str, Any]:
+    r = f.report
+    return dict(
+        restart=f.restart,
+        init=f.init,
+        step_size=f.lr,
+        steps=f.steps,
+        skipped=f.skipped,
+        converged=f.converged,
+        elbo=r.elbo,
+        khat=r.khat,
+        ess=r.ess,
+        seconds=f.seconds,
+        pilots=f.pilots,
+    )
+
+
+def _summary_table(samples: dict[str, Tensor], prob: float) -> str:
+    lo, hi = (1 - prob) / 2, (1 + prob) / 2
+    head = f"{'':>16} {'mean':>10} {'std':>10} {'median':>10} {100 * lo:>9.1f}% {100 * hi:>9.1f}%"
+    lines = [head]
+    for name, v in samples.items():
+        flat = v.reshape(v.shape[0], -1).double()
+        q = torch.quantile(flat, torch.tensor([0.5, lo, hi], dtype=flat.dtype), dim=0)
+        for j in range(flat.shape[1]):
+            label = name if flat.shape[1] == 1 else f"{name}[{j}]"
+            col = flat[:, j]
+            lines.append(
+                f"{label:>16} {float(col.mean()):>10.3g} {float(col.std()):>10.3g} "
+                f"{float(q[0, j]):>10.3g} {float(q[1, j]):>10.3g} {float(q[2, j]):>10.3g}"
+            )
+    return "\n".join(lines)
+
+
+def _diagnostics_text(d: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "",
+            f"converged: {d['converged']} after {d['steps']} steps "
+            f"({d['skipped_steps']} skipped), {d['gradient_evaluations']} gradient "
+            f"evaluations, {d['seconds']:.1f} s; step size {d['step_size']:g}",
+            f"start: {d['init']}",
+            f"PSIS k-hat = {d['khat']:.2f} [{d['khat_band']}], importance-sampling ESS = "
+            f"{d['ess']:.0f} of {d['num_draws']}",
+            f"ELBO = {d['elbo']:.3f} ± {d['elbo_se']:.3f}, log p(x) ≈ {d['log_evidence']:.3f} "
+            f"± {d['log_evidence_se']:.3f}",
+        ]
+    )
