@@ -321,3 +321,21 @@ def test_wrong_event_size_raises(kind, name):
             t.inv(v)
         with pytest.raises(ValueError, match=match):
             t.log_abs_det_jacobian(v, v)
+
+
+@pytest.mark.parametrize("kind,name", PLAIN, ids=[f"flow-{n}" for _, n in PLAIN])
+def test_cache_follows_copies_and_conversions(kind, name):
+    """A deep copy tracks its own parameters (not the original's), and ``.to()`` after a
+    call drops the cache, so neither can serve values of other parameters."""
+    module = randomize_(build(kind, name))
+    x = torch.randn(5, D, dtype=torch.float64)
+    y = module(x)
+    clone = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert not torch.equal(clone(x), y)
+    assert module(x) is y
+    module.to(torch.float32)
+    x32 = torch.randn(5, D)
+    assert module(x32).dtype == torch.float32
