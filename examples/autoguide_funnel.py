@@ -27,6 +27,7 @@ from pyro.infer.importance import psis_diagnostic, vectorized_importance_weights
 from pyro.optim import ClippedAdam  # noqa: E402
 
 from pyroflows import AutoFlowGuide  # noqa: E402
+from pyroflows.transforms import FLOWS  # noqa: E402
 
 
 def funnel(dim: int = 10) -> None:
@@ -111,16 +112,23 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flows", default="iaf,planar,sylvester-orthogonal")
-    parser.add_argument("--num-flows", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=10)
-    parser.add_argument("--num-steps", type=int, default=1000)
-    parser.add_argument("--num-particles", type=int, default=8)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--flows",
+        default="iaf,planar,sylvester-orthogonal",
+        help=f"comma-separated flow families, from: {', '.join(sorted(FLOWS))}",
+    )
+    parser.add_argument("--num-flows", type=int, default=2, help="flow layers per guide")
+    parser.add_argument("--dim", type=int, default=10, help="dimension of the funnel")
+    parser.add_argument("--num-steps", type=int, default=1000, help="SVI steps per guide")
+    parser.add_argument("--num-particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--num-samples", type=int, default=2000, help="for ELBO and k-hat")
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument("--lr", type=float, default=0.03, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--output-dir", default="outputs", help="where the figure is written")
     return parser.parse_args(argv)
 
 

@@ -119,15 +119,21 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--energy", default="U1", choices=["U1", "U2", "U3", "U4"])
-    parser.add_argument("--flow", default="planar", help="a name in pyroflows FLOWS")
-    parser.add_argument("--num-flows", type=int, default=16)
-    parser.add_argument("--num-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="outputs")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--energy", default="U1", choices=["U1", "U2", "U3", "U4"], help="target density"
+    )
+    flows = ", ".join(sorted(FLOWS))
+    parser.add_argument("--flow", default="planar", help=f"flow family, one of: {flows}")
+    parser.add_argument("--num-flows", type=int, default=16, help="number of flow layers")
+    parser.add_argument("--num-steps", type=int, default=2000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per step")
+    parser.add_argument("--lr", type=float, default=5e-3, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--output-dir", default="outputs", help="where the figure is written")
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,10 @@
-"""Every example script runs end to end with ``--num-steps 2`` (STYLE rule 16)."""
+"""Every example script runs end to end with ``--num-steps 2`` (STYLE rule 17), and its
+``--help`` shows the default of every option."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +20,18 @@ def test_example_runs(script, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert any(tmp_path.iterdir()), "the example wrote no output file"
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
+def test_example_help_shows_every_default(script):
+    env = {**os.environ, "COLUMNS": "100"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    options = proc.stdout.split("options:")[1]
+    entries = re.split(r"\n  (?=-)", options)[1:]  # one entry per option
+    assert entries, proc.stdout
+    missing = [e.split()[0] for e in entries if "(default:" not in e and "--help" not in e]
+    assert not missing, f"options without a default shown: {missing}"
+    assert "``" not in proc.stdout
