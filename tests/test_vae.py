@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyro
@@ -148,6 +149,32 @@ def test_reversal_between_autoregressive_layers():
     assert ts[1](torch.arange(4.0)).tolist() == [3, 2, 1, 0]
     planar = small_encoder("planar", num_flows=3).transforms(torch.zeros(2, 5).double())
     assert not any(isinstance(t, Reverse) for t in planar)
+
+
+@pytest.mark.parametrize("flow", sorted(CONDITIONAL_FLOWS))
+def test_reversal_placement_follows_class_metadata(flow):
+    """Reverse goes between layers whose class declares a fixed order (autoregressive or
+    coupling), from the class metadata rather than a list of names."""
+    enc = small_encoder(flow, num_flows=3)
+    ts = enc.transforms(torch.zeros(2, 5, dtype=torch.float64))
+    ordered = {"iaf", "iaf-gated", "sylvester-triangular", "nice", "realnvp", "spline", "maf"}
+    reversals = [isinstance(t, Reverse) for t in ts]
+    if flow in ordered:
+        assert reversals == [False, True, False, True, False]
+    else:  # (planar's three layers run as one fused stack)
+        assert not any(reversals)
+
+
+@pytest.mark.parametrize("flow", sorted(CONDITIONAL_FLOWS))
+def test_cli_trains_every_registered_flow(flow, tmp_path):
+    """``pyroflows vae --flow NAME`` runs end to end for every conditional family."""
+    from pyroflows.cli import main
+
+    fast = ["--epochs", "1", "--num-samples", "2", "--test-subset", "4", "--hidden-dim", "8"]
+    fast += ["--latent-dim", "3", "--num-flows", "2", "--no-progress"]
+    assert main(["vae", "--flow", flow, *fast, "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["flow"] == flow and math.isfinite(results["test_elbo"])
 
 
 def test_vae_model_guide_run_under_svi():
