@@ -14,7 +14,7 @@ kept), then prints the test log-likelihood per family and saves a figure:
     ``--data-dir`` holds ``binarized_mnist.npz``.
 
     python examples/density_estimation.py --task toy --num-steps 3000
-    python examples/density_estimation.py --task digits --data-dir ../shared/data
+    python examples/density_estimation.py --task digits --data-dir DIR
 """
 
 from __future__ import annotations
