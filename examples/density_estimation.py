@@ -86,7 +86,8 @@ def build(family: str, dim: int, num_flows: int, hidden: int) -> list:
         make = {
             "pyro-affine-coupling": lambda: T.affine_coupling(dim, hidden_dims=h2),
             "pyro-spline-coupling": lambda: T.spline_coupling(dim, hidden_dims=h2),
-            "pyro-maf": lambda: T.affine_autoregressive(dim, hidden_dims=h2),
+            # Pyro's autoregressive transform is IAF-direction: its inverse is the MAF
+            "pyro-maf": lambda: T.affine_autoregressive(dim, hidden_dims=h2).inv,
         }[family]
         layers: list = []
         for k in range(num_flows):
@@ -110,7 +111,9 @@ def model_of(layers: list, dim: int) -> dist.TransformedDistribution:
 def fit(layers: list, train: Tensor, valid: Tensor, args: argparse.Namespace) -> dict:
     """Adam on mini-batches; early stopping on the validation log-likelihood."""
     dim = train.shape[-1]
-    modules = nn.ModuleList(t for t in layers if isinstance(t, nn.Module))
+    # (an inverted Pyro transform holds its module in ``_inv``)
+    owners = [t if isinstance(t, nn.Module) else getattr(t, "_inv", None) for t in layers]
+    modules = nn.ModuleList(m for m in owners if isinstance(m, nn.Module))
     initialize_actnorm(layers, train[:1024])
     opt = torch.optim.Adam(modules.parameters(), lr=args.lr)
     best, best_state, bad, step = -math.inf, copy.deepcopy(modules.state_dict()), 0, 0
