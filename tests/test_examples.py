@@ -35,3 +35,28 @@ def test_example_help_shows_every_default(script):
     missing = [e.split()[0] for e in entries if "(default:" not in e and "--help" not in e]
     assert not missing, f"options without a default shown: {missing}"
     assert "``" not in proc.stdout
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_posteriors_quick_mode_and_progress(tmp_path):
+    example = _load_example("compare_posteriors")
+    quick = example.parse_args(["--quick"])
+    assert {k: getattr(quick, k) for k in example.QUICK} == example.QUICK
+    assert example.parse_args(["--quick", "--num-steps", "7"]).num_steps == 7  # flags win
+    assert example.parse_args([]).num_steps == 2000
+    script = Path(example.__file__)
+    cmd = [sys.executable, str(script), "--num-steps", "2", "--flows", "planar"]
+    proc = subprocess.run([*cmd, "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model in ("centered", "noncentered"):  # one progress line per finished guide
+        assert f"{model} AutoFlowGuide(planar): fit" in proc.stdout + proc.stderr
+    assert "AutoFlowGuide(iaf)" not in proc.stdout
