@@ -10,6 +10,7 @@ from pyroflows.guides import AutoFlowGuide
 from pyroflows.infer import Trainer, evaluate, log_likelihood
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
 from pyroflows.vae import VAE, FlowEncoder
+from pyroflows.vi import VI
 
 __all__ = [
     "AutoFlowGuide",
@@ -18,6 +19,7 @@ __all__ = [
     "FlowEncoder",
     "Trainer",
     "VAE",
+    "VI",
     "__version__",
     "compare",
     "datasets",

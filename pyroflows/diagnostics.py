@@ -39,7 +39,7 @@ _MIN_PSIS_DRAWS = 25  # PSIS fits a Pareto tail of min(0.2 S, 3 sqrt(S)) >= 5 dr
 
 def to_inference_data(
     guide: Callable,
-    model: Callable,
+    model: Callable | None = None,
     *args: Any,
     num_samples: int = 1000,
     vectorize: bool | None = None,
@@ -58,7 +58,10 @@ def to_inference_data(
     :func:`psis` smooths).
 
     Args:
-        guide: A Pyro guide: any autoguide or a guide function taking the model's arguments.
+        guide: A Pyro guide: any autoguide or a guide function taking the model's arguments;
+            or a fitted :class:`pyroflows.VI` (then omit the model and its arguments: those
+            given to ``VI.run`` are used, and ``posterior.attrs`` gets the fit's
+            diagnostics as ``vi_*`` entries).
         model: The Pyro model the guide approximates.
         *args: Positional arguments of the model and guide.
         num_samples: Number of draws.
@@ -85,6 +88,15 @@ def to_inference_data(
         >>> sorted(data.sample_stats.data_vars)
         ['log_q', 'log_weight', 'lp']
     """
+    vi_attrs: dict[str, str | float | int] = {}
+    if _is_vi(guide):
+        if model is not None or args or kwargs:
+            raise ValueError(
+                "to_inference_data(vi) takes no model or model arguments: it uses those of "
+                "vi.run(...)"
+            )
+        vi_attrs = guide.attrs()
+        guide, model, args, kwargs = guide.guide, guide.model, guide.args, guide.kwargs
     if not callable(guide):
         raise TypeError(f"guide must be a callable Pyro guide; got {type(guide).__name__}")
     if not callable(model):
@@ -108,8 +120,15 @@ def to_inference_data(
         "draws": "independent draws from the guide",
         "draw_method": draws.method,
         "point_mass_sites": ", ".join(draws.point_masses),
+        **vi_attrs,
     }
     return _arviz.from_dict({"posterior": posterior, "sample_stats": stats}, dims, coords, attrs)
+
+
+def _is_vi(obj: object) -> bool:
+    from pyroflows.vi import VI
+
+    return isinstance(obj, VI)
 
 
 # ---------------------------------------------------------------- PSIS

@@ -130,11 +130,12 @@ class ImportanceReport:
     ess: float
     log_evidence: float
     log_evidence_se: float
-    num_draws: int
+    num_draws: int  # draws with a finite log ratio (the ones everything above uses)
+    num_nonfinite: int = 0  # draws whose log-density (or log q) was NaN or infinite
 
     @property
     def band(self) -> str:
-        if not math.isfinite(self.khat):
+        if math.isnan(self.khat):
             return "unavailable"
         if self.khat < 0.5:
             return "good"
@@ -144,26 +145,31 @@ class ImportanceReport:
 def importance_report(log_w: Tensor) -> ImportanceReport:
     r"""ELBO, PSIS k-hat, IS-ESS and :math:`\log \hat p(x)` from raw log ratios ``(S,)``.
 
-    The log-evidence estimate is :math:`\log \frac1S \sum_i w_i` with the delta-method
-    standard error :math:`\mathrm{sd}(w) / (\sqrt{S}\, \bar w)`; it is trustworthy only when
-    k-hat < 0.7 (Yao et al. 2018).
+    Non-finite ratios (a model that returns NaN somewhere, a guide outside the support) are
+    left out and counted in ``num_nonfinite``; with fewer than 25 finite ones every
+    estimate is NaN and k-hat is infinite. The log-evidence estimate is
+    :math:`\log \frac1S \sum_i w_i` with the delta-method standard error
+    :math:`\mathrm{sd}(w) / (\sqrt{S}\, \bar w)`; it is trustworthy only when k-hat < 0.7
+    (Yao et al. 2018).
     """
     lw = log_w.detach().double().cpu().numpy()
-    s = lw.size
     finite = np.isfinite(lw)
-    if not finite.all():
+    nonfinite = int((~finite).sum())
+    lw = lw[finite]
+    s = lw.size
+    if s < 25:
         nan = float("nan")
-        elbo = float(lw.mean()) if not np.isnan(lw).any() else nan
-        return ImportanceReport(elbo, nan, float("inf"), 0.0, nan, nan, s)
+        return ImportanceReport(nan, nan, float("inf"), 0.0, nan, nan, s, nonfinite)
     elbo, elbo_se = float(lw.mean()), float(lw.std(ddof=1) / math.sqrt(s))
     w = np.exp(lw - lw.max())
     log_z = float(np.log(w.mean()) + lw.max())
     log_z_se = float(w.std(ddof=1) / (math.sqrt(s) * w.mean()))
     if np.ptp(lw) < 1e-9 * (1.0 + abs(elbo)):  # q is the posterior: every ratio is equal
-        return ImportanceReport(elbo, elbo_se, -math.inf, float(s), log_z, log_z_se, s)
+        return ImportanceReport(elbo, elbo_se, -math.inf, float(s), log_z, log_z_se, s, nonfinite)
     smoothed, khat = psislw(lw)
     ws = np.exp(smoothed - np.logaddexp.reduce(smoothed))
-    return ImportanceReport(elbo, elbo_se, khat, float(1.0 / np.sum(ws**2)), log_z, log_z_se, s)
+    ess = float(1.0 / np.sum(ws**2))
+    return ImportanceReport(elbo, elbo_se, khat, ess, log_z, log_z_se, s, nonfinite)
 
 
 @torch.no_grad()
@@ -367,7 +373,8 @@ class VI:
         num_restarts: Independent fits (different seeds; the r-th uses the r-th best
             distinct mode found); the best by :func:`select_fit` is kept.
         step_sizes: Adam step sizes tried by the pilots.
-        pilot_steps: Steps of each pilot run.
+        pilot_steps: Steps of each pilot run (fewer if the pilots would take more than half
+            of ``max_steps``).
         window: Steps per window of the stopping rule (:class:`ConvergenceMonitor`).
         tol: Absolute tolerance of the stopping rule, nats per window.
         num_decays: Step-size decays (one per plateau) before the final, averaged phase.
@@ -510,14 +517,19 @@ class VI:
         crn_seed = int(torch.randint(2**31 - 1, ()))
 
         def score() -> float:
-            value = float(_draw_log_weights(target, ld, self.num_score_draws, crn_seed)[1].mean())
-            return value if math.isfinite(value) else -math.inf
+            log_w = _draw_log_weights(target, ld, self.num_score_draws, crn_seed)[1]
+            finite = torch.isfinite(log_w)
+            if float(finite.double().mean()) < 0.9:  # mostly off the model's support
+                return -math.inf
+            return float(log_w[finite].mean())
 
         loss_fn = _loss_fn(target, ld, self.num_particles)
         run, initial = _Run(), target.state()
         with _progress(self, restart) as bar:
+            # the pilots take at most half of the step budget
+            pilot_steps = min(self.pilot_steps, self.max_steps // (2 * len(self.step_sizes)))
             lr, pilots = choose_step_size(
-                target, loss_fn, score, self.step_sizes, self.pilot_steps, run, bar
+                target, loss_fn, score, self.step_sizes, pilot_steps, run, bar
             )
             converged, averaged = self._optimise(loss_fn, lr, run, bar, score)
         if whitened and _better_start(target, initial, score):
@@ -594,6 +606,15 @@ class VI:
                 UserWarning,
                 stacklevel=3,
             )
+        if fit.report.num_nonfinite:
+            warnings.warn(
+                f"VI: {fit.report.num_nonfinite} of "
+                f"{fit.report.num_nonfinite + fit.report.num_draws} guide draws have a "
+                "non-finite log-density (the model returns NaN or inf there); the diagnostics "
+                "use the finite ones.",
+                UserWarning,
+                stacklevel=3,
+            )
         if not fit.converged:
             warnings.warn(
                 f"VI: the ELBO had not converged after {fit.steps} steps "
@@ -624,7 +645,7 @@ class VI:
         check_positive_int("num_samples", num_samples)
         if not resample:
             return self.log_density.unpack(self._target.posterior().sample((num_samples,)))
-            n = max(self.num_draws, 4 * num_samples)
+        n = max(self.num_draws, 4 * num_samples)
         z, log_w = _draw_log_weights(self._target, self.log_density, n, None)
         if not bool(torch.isfinite(log_w).all()):
             raise ValueError("resample=True needs finite importance weights; some are not")
@@ -632,6 +653,28 @@ class VI:
         probs = torch.as_tensor(np.exp(smoothed - smoothed.max()))
         index = torch.multinomial(probs, num_samples, replacement=True).to(z.device)
         return self.log_density.unpack(z[index])
+
+    @property
+    def args(self) -> tuple:
+        """Positional model arguments of the last :meth:`run`."""
+        self._check_ran()
+        return self._args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword model arguments of the last :meth:`run`."""
+        self._check_ran()
+        return self._kwargs
+
+    def attrs(self) -> dict[str, str | float | int]:
+        """The scalar :meth:`diagnostics` as ``vi_*`` entries (ArviZ/netCDF attributes)."""
+        out: dict[str, str | float | int] = {}
+        for key, value in self.diagnostics().items():
+            if isinstance(value, bool):
+                out[f"vi_{key}"] = str(value)
+            elif isinstance(value, (int, float, str)):
+                out[f"vi_{key}"] = value
+        return out
 
     def diagnostics(self) -> dict[str, Any]:
         """How the fit went: convergence, cost, k-hat, ESS, log-evidence, every restart."""
@@ -644,6 +687,7 @@ class VI:
             khat_band=r.band,
             ess=r.ess,
             num_draws=r.num_draws,
+            nonfinite_draws=r.num_nonfinite,
             elbo=r.elbo,
             elbo_se=r.elbo_se,
             log_evidence=r.log_evidence,
