@@ -135,8 +135,9 @@ class ParamFlow(FlowMixin, Transform):
 
     ``ConditionalTransformModule.condition(context)`` returns one of these: the parameters
     are tensors computed from the context, and ``forward``/``inverse`` are pure functions of
-    ``(x, *params)``. With ``density=True`` the inverse returns ``(x, ladj)`` and the log-det
-    is a function of ``y`` (MAF's density direction), so scoring data takes one inverse pass.
+    ``(x, *params)``. With ``inverse_ladj=True`` the inverse returns ``(x, ladj)`` (the
+    forward log-det at ``x``), and a log-det not found in the cache is computed from ``y``:
+    scoring data takes one inverse pass (MAF's density direction, coupling flows).
     """
 
     def __init__(
@@ -148,7 +149,7 @@ class ParamFlow(FlowMixin, Transform):
         input_dim: int,
         cache_size: int = 1,
         *,
-        density: bool = False,
+        inverse_ladj: bool = False,
     ) -> None:
         super().__init__(cache_size=cache_size)
         self._fn = forward
@@ -156,7 +157,7 @@ class ParamFlow(FlowMixin, Transform):
         self._params = params
         self._name = name
         self.input_dim = input_dim
-        self._density = density
+        self._inverse_ladj_fn = inverse_ladj
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._fn(x, *self._params)
@@ -168,10 +169,10 @@ class ParamFlow(FlowMixin, Transform):
         if self._inv_fn is None:
             raise NotImplementedError(f"{self._name} has no inverse.")
         out = self._inv_fn(y, *self._params)
-        return out if self._density else (out, None)
+        return out if self._inverse_ladj_fn else (out, None)
 
     def _ladj(self, x: Tensor, y: Tensor) -> Tensor:
-        if self._density:  # the log-det is a function of y: one inverse pass, not a forward
+        if self._inverse_ladj_fn:  # from y: one inverse pass (MAF's forward takes D)
             return self._inv_fn(y, *self._params)[1]
         return self._forward(x)[1]
 
@@ -185,7 +186,7 @@ class ParamFlow(FlowMixin, Transform):
             self._name,
             self.input_dim,
             cache_size,
-            density=self._density,
+            inverse_ladj=self._inverse_ladj_fn,
         )
 
 
@@ -194,6 +195,9 @@ class FlowModule(FlowMixin, TransformModule):
 
     forward_fn: staticmethod
     inverse_fn: staticmethod
+    #: ``inverse_fn`` returns ``(x, ladj)`` with the forward log-det at ``x``, so ``log_prob``
+    #: of a point needs one inverse call (the pair is cached) instead of inverse + forward
+    inverse_ladj = False
 
     def params(self) -> tuple[Tensor, ...]:
         """The constrained parameters passed to the pure forward/inverse functions."""
@@ -209,6 +213,12 @@ class FlowModule(FlowMixin, TransformModule):
         return type(self).forward_fn(x, *self.params())
 
     def _inverse(self, y: Tensor) -> Tensor:
+        out = type(self).inverse_fn(y, *self.params())
+        return out[0] if self.inverse_ladj else out
+
+    def _inverse_ladj(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.inverse_ladj:
+            return self._inverse(y), None
         return type(self).inverse_fn(y, *self.params())
 
     def extra_repr(self) -> str:

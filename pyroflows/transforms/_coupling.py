@@ -14,9 +14,9 @@ from pyroflows.transforms._base import FlowModule, ParamFlow
 from pyroflows.transforms.made import MadeLayers, made_forward
 
 # (x_b, raw (*batch, D_b, P)) -> (y_b, ladj (*batch,) or None), and its inverse
+# (y_b, raw) -> (x_b, ladj of the forward map at x_b, or None)
 Elementwise = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
-ElementwiseInverse = Callable[[Tensor, Tensor], Tensor]
-ElementwisePair = tuple[Elementwise, ElementwiseInverse]
+ElementwisePair = tuple[Elementwise, Elementwise]
 
 
 class CouplingNet(nn.Module):
@@ -80,12 +80,17 @@ def coupling_forward(
     return torch.cat([xa.expand(*yb.shape[:-1], split), yb], -1), ladj
 
 
-def coupling_inverse(y: Tensor, layers: MadeLayers, split: int, pair: ElementwisePair) -> Tensor:
-    """x_a = y_a, x_b = f⁻¹(y_b; θ(y_a)): one conditioner pass, like the forward."""
+def coupling_inverse(
+    y: Tensor, layers: MadeLayers, split: int, pair: ElementwisePair
+) -> tuple[Tensor, Tensor]:
+    """x_a = y_a, x_b = f⁻¹(y_b; θ(y_a)): one conditioner pass, like the forward; returns
+    ``(x, log|det ∂y/∂x|)`` (θ is the same in both directions, so the log-det comes free)."""
     ya, yb = y[..., :split], y[..., split:]
     raw = made_forward(ya, layers).unflatten(-1, (yb.shape[-1], -1))
-    xb = pair[1](yb, raw)
-    return torch.cat([ya.expand(*xb.shape[:-1], split), xb], -1)
+    xb, ladj = pair[1](yb, raw)
+    if ladj is None:
+        ladj = xb.new_zeros(xb.shape[:-1])
+    return torch.cat([ya.expand(*xb.shape[:-1], split), xb], -1), ladj
 
 
 class CouplingFlow(FlowModule):
@@ -101,6 +106,7 @@ class CouplingFlow(FlowModule):
     params_per_dim: int
     forward_fn = staticmethod(coupling_forward)
     inverse_fn = staticmethod(coupling_inverse)
+    inverse_ladj = True
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int] | None = None) -> None:
         super().__init__(cache_size=1)
@@ -149,4 +155,6 @@ class ConditionalCouplingFlow(ConditionalTransformModule):
         check_context(context, self.context_dim)
         params = (self.net.weights(context), self.split, self.elementwise())
         name = type(self).__name__
-        return ParamFlow(coupling_forward, coupling_inverse, params, name, self.input_dim)
+        return ParamFlow(
+            coupling_forward, coupling_inverse, params, name, self.input_dim, inverse_ladj=True
+        )

@@ -38,8 +38,11 @@ def _actnorm(x: Tensor, loc: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
     return y, scale.log().sum(-1).expand(y.shape[:-1])
 
 
-def _actnorm_inverse(y: Tensor, loc: Tensor, raw: Tensor) -> Tensor:
-    return (y - loc) / actnorm_scale(raw)
+def _actnorm_inverse(y: Tensor, loc: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+    """x = (y − loc) / s, and the forward log-det Σ log s."""
+    scale = actnorm_scale(raw)
+    x = (y - loc) / scale
+    return x, scale.log().sum(-1).expand(x.shape[:-1])
 
 
 def _moments(y: Tensor, input_dim: int) -> tuple[Tensor, Tensor]:
@@ -74,6 +77,7 @@ class ActNorm(FlowModule):
 
     forward_fn = staticmethod(_actnorm)
     inverse_fn = staticmethod(_actnorm_inverse)
+    inverse_ladj = True
 
     def __init__(self, input_dim: int) -> None:
         super().__init__(cache_size=1)
@@ -142,7 +146,10 @@ class ConditionalActNorm(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         loc, raw = self.nn(context).split(self.input_dim, -1)
-        return ParamFlow(_actnorm, _actnorm_inverse, (loc, raw), "ActNorm", self.input_dim)
+        params = (loc, raw)
+        return ParamFlow(
+            _actnorm, _actnorm_inverse, params, "ActNorm", self.input_dim, inverse_ladj=True
+        )
 
 
 @torch.no_grad()

@@ -48,15 +48,17 @@ def _linear_lu(
 
 def _linear_lu_inverse(
     y: Tensor, lower: Tensor, upper: Tensor, diag_raw: Tensor, bias: Tensor, perm: Tensor
-) -> Tensor:
-    """x = U⁻¹ L⁻¹ Pᵀ (y − b) by two triangular solves, O(D²) per point."""
-    l_mat, u_mat, _ = lu_factors(lower, upper, diag_raw)
+) -> tuple[Tensor, Tensor]:
+    """x = U⁻¹ L⁻¹ Pᵀ (y − b) by two triangular solves, O(D²) per point; and the forward
+    log-det Σ log U_ii."""
+    l_mat, u_mat, log_diag = lu_factors(lower, upper, diag_raw)
     v = torch.empty_like(y - bias)
     v[..., perm] = y - bias
     batch = torch.broadcast_shapes(v.shape[:-1], l_mat.shape[:-2])
     v = v.expand(*batch, v.shape[-1]).unsqueeze(-1)
     w = torch.linalg.solve_triangular(l_mat, v, upper=False, unitriangular=True)
-    return torch.linalg.solve_triangular(u_mat, w, upper=True).squeeze(-1)
+    x = torch.linalg.solve_triangular(u_mat, w, upper=True).squeeze(-1)
+    return x, log_diag.sum(-1).expand(x.shape[:-1])
 
 
 class LinearLU(FlowModule):
@@ -88,6 +90,7 @@ class LinearLU(FlowModule):
 
     forward_fn = staticmethod(_linear_lu)
     inverse_fn = staticmethod(_linear_lu_inverse)
+    inverse_ladj = True
 
     def __init__(self, input_dim: int, permutation: Sequence[int] | Tensor | None = None) -> None:
         super().__init__(cache_size=1)
@@ -147,7 +150,9 @@ class ConditionalLinearLU(ConditionalTransformModule):
         raws = self.nn(context).split(self.param_dims, -1)
         perm = torch.arange(self.input_dim, device=context.device)
         params = (*raws, perm)
-        return ParamFlow(_linear_lu, _linear_lu_inverse, params, "LinearLU", self.input_dim)
+        return ParamFlow(
+            _linear_lu, _linear_lu_inverse, params, "LinearLU", self.input_dim, inverse_ladj=True
+        )
 
 
 def linear_lu(input_dim: int) -> LinearLU:

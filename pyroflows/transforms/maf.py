@@ -134,7 +134,9 @@ class ConditionalMAF(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         params = (self.made.weights(context), _AFFINE_SHIFT)
-        return ParamFlow(_maf_sample, _maf_density, params, "MAF", self.input_dim, density=True)
+        return ParamFlow(
+            _maf_sample, _maf_density, params, "MAF", self.input_dim, inverse_ladj=True
+        )
 
 
 def maf(input_dim: int, hidden_dims: Sequence[int] | None = None) -> MAF:

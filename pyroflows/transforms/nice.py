@@ -25,8 +25,8 @@ def _additive(xb: Tensor, raw: Tensor) -> tuple[Tensor, None]:
     return xb + raw[..., 0], None
 
 
-def _additive_inverse(yb: Tensor, raw: Tensor) -> Tensor:
-    return yb - raw[..., 0]
+def _additive_inverse(yb: Tensor, raw: Tensor) -> tuple[Tensor, None]:
+    return yb - raw[..., 0], None
 
 
 ADDITIVE: ElementwisePair = (_additive, _additive_inverse)
@@ -50,8 +50,11 @@ def _nice(
 
 def _nice_inverse(
     y: Tensor, layers: MadeLayers, split: int, pair: ElementwisePair, scale_raw: Tensor
-) -> Tensor:
-    return coupling_inverse(y / nice_scale(scale_raw), layers, split, pair)
+) -> tuple[Tensor, Tensor]:
+    """x = coupling⁻¹(y / S), and the forward log-det Σ log S."""
+    scale = nice_scale(scale_raw)
+    x, _ = coupling_inverse(y / scale, layers, split, pair)
+    return x, scale.log().sum(-1).expand(x.shape[:-1])
 
 
 class NICE(CouplingFlow):
@@ -152,7 +155,7 @@ class ConditionalNICE(ConditionalCouplingFlow):
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
         params = (self.net.weights(context), self.split, ADDITIVE, self.scale_head(context))
-        return ParamFlow(_nice, _nice_inverse, params, "NICE", self.input_dim)
+        return ParamFlow(_nice, _nice_inverse, params, "NICE", self.input_dim, inverse_ladj=True)
 
 
 def nice(input_dim: int, hidden_dims: Sequence[int] | None = None) -> NICE:

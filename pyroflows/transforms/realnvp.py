@@ -29,9 +29,10 @@ def _affine(xb: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
     return torch.addcmul(shift, xb, log_scale.exp()), log_scale.sum(-1)
 
 
-def _affine_inverse(yb: Tensor, raw: Tensor) -> Tensor:
-    """x_b = (y_b − t) ⊙ exp(−log s)."""
-    return (yb - raw[..., 0]) * torch.exp(-soft_clamp(raw[..., 1]))
+def _affine_inverse(yb: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+    """x_b = (y_b − t) ⊙ exp(−log s), and the forward log-det Σ log s."""
+    log_scale = soft_clamp(raw[..., 1])
+    return (yb - raw[..., 0]) * torch.exp(-log_scale), log_scale.sum(-1)
 
 
 AFFINE: ElementwisePair = (_affine, _affine_inverse)

@@ -81,17 +81,26 @@ def rq_spline(
     t = xi * (1 - xi)
     denom = s + (d0 + d1 - 2 * s) * t
     y = y0 + h * (s * xi * xi + d0 * t) / denom
+    y = torch.where(inside, y, xb)
+    return y, _masked_ladj(inside, xi, s, d0, d1)
+
+
+def _masked_ladj(inside: Tensor, xi: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
+    """Σ log g'(x) over the event: the bin's derivative (Durkan et al. 2019, Eq. 5) inside
+    [−B, B], 0 in the identity tails."""
+    t = xi * (1 - xi)
+    denom = s + (d0 + d1 - 2 * s) * t
     dnum = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2
     ladj = 2 * torch.log(s) + torch.log(dnum) - 2 * torch.log(denom)
-    y = torch.where(inside, y, xb)
-    return y, torch.where(inside, ladj, torch.zeros_like(ladj)).sum(-1)
+    return torch.where(inside, ladj, torch.zeros_like(ladj)).sum(-1)
 
 
 def rq_spline_inverse(
     yb: Tensor, raw: Tensor, bins: int, bound: float, temperature: float = 1.0
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Analytic inverse: the root in [0, 1] of the bin's quadratic (Durkan et al. 2019,
-    App. A.3), written in the cancellation-free form 2c / (−b − √(b² − 4ac))."""
+    App. A.3), written in the cancellation-free form 2c / (−b − √(b² − 4ac)); returns
+    ``(x, Σ log g'(x))``."""
     knots = _knots(raw, bins, bound, temperature)
     inside = yb.abs() <= bound
     yc = yb.clamp(-bound, bound)
@@ -103,7 +112,7 @@ def rq_spline_inverse(
     c = -s * dy
     disc = (b * b - 4 * a * c).clamp_min(0)
     xi = (2 * c) / (-b - disc.sqrt())
-    return torch.where(inside, x0 + xi * w, yb)
+    return torch.where(inside, x0 + xi * w, yb), _masked_ladj(inside, xi, s, d0, d1)
 
 
 def _pair(bins: int, bound: float, temperature: float) -> ElementwisePair:
