@@ -10,7 +10,7 @@ Training: Adam on a K-particle reparameterised ELBO. The guide draws K particles
 batch plate and the model's log-density is ``torch.func.vmap``-ed over them (the posteriordb
 models are written for one draw); the learning rate decays 10x over the steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/posteriordb.py             # full run, ~25 min
+    OMP_NUM_THREADS=1 python benchmarks/posteriordb.py             # full run, ~1 h
     python benchmarks/posteriordb.py --posteriors eight_schools-eight_schools_centered \\
         --guides AutoNormal flow-iaf --num-steps 200 --output /tmp/pdb.md
 """
@@ -23,6 +23,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,18 +35,27 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.infer.mcmc.util import initialize_model
+from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.messenger import Messenger
 
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
 from pyroflows.transforms import FLOWS
+from pyroflows.vi import VI
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_LAYERS = {"planar": 8, "radial": 8}
-# run only with --guides: two more Sylvester variants (householder represents the family)
-OPTIONAL_GUIDES = (
-    "flow-sylvester-orthogonal",
-    "flow-sylvester-triangular",
-)  # one planar/radial layer is weak; others use 4
+# rows of a run without --guides (any name from guide_factories / vi_factories is valid)
+DEFAULT_ROWS = (
+    "AutoNormal",
+    "AutoMultivariateNormal",
+    "flow-iaf",
+    "flow-realnvp",
+    "flow-spline",
+    "VI(default)",
+    "VI(AutoMultivariateNormal)",
+    "VI(flow-realnvp)",
+)
 
 
 def guide_factories(num_flows: int) -> dict[str, Callable]:
@@ -65,7 +75,22 @@ def guide_factories(num_flows: int) -> dict[str, Callable]:
     return guides
 
 
-def map_init(model: Callable, data: dict) -> tuple[Callable, str]:
+def vi_factories() -> dict[str, Callable]:
+    """``"VI(...)" -> model -> guide`` for the automatic driver (``None``: VI's default guide).
+
+    The driver finds its own start (mode and Laplace approximation), so these guides are
+    built with their default ``init_loc_fn``.
+    """
+    vis: dict[str, Callable] = {"VI(default)": lambda m: None}
+    for flow in FLOWS:
+        vis[f"VI(flow-{flow})"] = lambda m, f=flow: AutoFlowGuide(
+            m, flow=f, num_flows=FLOW_LAYERS.get(f, 2), base="full"
+        )
+    vis["VI(AutoMultivariateNormal)"] = lambda m: AutoMultivariateNormal(m)
+    return vis
+
+
+def map_init(model: Callable, data: dict) -> tuple[dict | None, str]:
     """``init_to_value`` at the posterior mode (L-BFGS in unconstrained space), if it exists.
 
     Hierarchical models such as centred eight schools have no mode (the density grows
@@ -89,11 +114,22 @@ def map_init(model: Callable, data: dict) -> tuple[Callable, str]:
         opt.step(closure)
         last = float(potential_fn(z).detach())
     except (ValueError, RuntimeError):  # NaN parameters on the way to a degenerate mode
-        return init_to_median, "prior median (L-BFGS failed: no finite mode)"
+        return None, "prior median (L-BFGS failed: no finite mode)"
     if not math.isfinite(last) or last < first - 1.0:
-        return init_to_median, "prior median (no finite mode)"
+        return None, "prior median (no finite mode)"
     values = {k: transforms[k].inv(v.detach()) for k, v in z.items()}
-    return init_to_value(values=values, fallback=init_to_median), "posterior mode (L-BFGS)"
+    return values, "posterior mode (L-BFGS)"
+
+
+def init_fn(values: dict | None) -> Callable:
+    """A fresh ``init_to_value`` on private copies of ``values``, or the prior median.
+
+    Each guide gets its own copies: an autoguide may keep the init tensor as its parameter,
+    and training it in place would move the start of every later guide.
+    """
+    if values is None:
+        return init_to_median
+    return init_to_value(values={k: v.clone() for k, v in values.items()}, fallback=init_to_median)
 
 
 def load_posteriordb(path: Path):
@@ -246,32 +282,122 @@ def nuts_time_to_match(prefixes: list, mean_err: float, sd_err: float) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def evaluate(name: str, pdb, args, guides: dict) -> dict:
+class MarkDeterministic(Messenger):
+    """Mark sites that a reparameterisation turned into deterministic ones as such.
+
+    Pyro's ``LocScaleReparam`` keeps the original site (``theta``) as a Delta without the
+    ``_deterministic`` flag, so ``to_inference_data`` would not report it.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if msg["name"] in self.names:
+            msg["infer"]["_deterministic"] = True
+
+
+def reparam_model(model: Callable, sites: list[str]) -> Callable:
+    """``model`` with ``sites`` non-centred by ``LocScaleReparam(centered=0.0)``."""
+    config = {site: LocScaleReparam(centered=0.0) for site in sites}
+    return MarkDeterministic(sites)(poutine.reparam(model, config=config))
+
+
+def score_guide(guide, model, data: dict, reference: dict, names: list, args) -> dict:
+    """k-hat (median and range over ``--khat-seeds`` draw sets) and errors vs the reference."""
+    khats, c = [], None
+    for k in range(args.khat_seeds):
+        pyro.set_rng_seed(10_000 + k)
+        idata = to_inference_data(guide, model, num_samples=args.num_draws, **data)
+        khats.append(psis(idata).khat)
+        c = c or compare(idata, reference, var_names=names)
+    return dict(
+        khat=float(np.median(khats)),
+        khat_range=(min(khats), max(khats)),
+        mean=c.worst_mean_error,
+        sd=c.worst_sd_error,
+        w1=c.worst_wasserstein,
+    )
+
+
+def fixed_row(label: str, make, model, data, init_values, args, name: str) -> dict:
+    """Today's protocol: a fixed number of Adam steps from the L-BFGS mode."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    guide = make(model, init_fn(init_values))
+    steps = args.steps_override.get(name, args.num_steps)
+    seconds = fit(guide, elbo_loss(model, guide, data, args.particles), steps, args.lr)
+    return dict(
+        guide=label,
+        guide_obj=guide,
+        steps=steps,
+        grad_evals=steps * args.particles,
+        seconds=seconds,
+        note="",
+    )
+
+
+def vi_row(label: str, make, model, data, args) -> dict:
+    """The automatic driver with its defaults (the guide is built for ``model``)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    vi = VI(model, make(model), seed=args.seed, progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vi.run(**data)
+    d = vi.diagnostics()
+    note = ("converged" if d["converged"] else "NOT converged") + f", lr {d['step_size']:g}"
+    note += ", Laplace start" if d["init"].startswith("Laplace") else ", no mode"
+    note += f", k-hat(VI) {d['khat']:.2f}"
+    if caught:
+        note += f", {len(caught)} warning(s)"
+    return dict(
+        guide=label,
+        guide_obj=vi.guide,
+        steps=d["steps"],
+        grad_evals=d["gradient_evaluations"],
+        seconds=d["seconds"],
+        note=note,
+    )
+
+
+def evaluate(name: str, pdb, args, guides: dict, vis: dict) -> dict:
     model, load = pdb.POSTERIORS[name]
     data = load()
     reference = {k: v.numpy() for k, v in pdb.load_reference(name).items()}
     names = list(pdb.REFERENCE_SITES[name])
     rows = []
-    init, init_note = map_init(model, data) if args.map_init else (init_to_median, "median")
+    init_values, init_note = map_init(model, data) if args.map_init else (None, "median")
     print(f"  init: {init_note}", flush=True)
-    for label, make in guides.items():
-        pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        guide = make(model, init)
+    jobs = [
+        (label, lambda m, mk=mk, lb=label: fixed_row(lb, mk, m, data, init_values, args, name))
+        for label, mk in guides.items()
+    ]
+    jobs += [
+        (label, lambda m, mk=mk, lb=label: vi_row(lb, mk, m, data, args))
+        for label, mk in vis.items()
+    ]
+    for sites in args.reparam.get(name, []) and [args.reparam[name]]:
+        for label, mk in vis.items():
+            if label == "VI(default)":
+                lb = f"{label} + LocScaleReparam({', '.join(sites)})"
+                jobs.append(
+                    (
+                        lb,
+                        lambda m, mk=mk, lb=lb, s=sites: vi_row(
+                            lb, mk, reparam_model(m, s), data, args
+                        ),
+                    )
+                )
+    for label, job in jobs:
         try:
-            steps = args.steps_override.get(name, args.num_steps)
-            seconds = fit(guide, elbo_loss(model, guide, data, args.particles), steps, args.lr)
-            idata = to_inference_data(guide, model, num_samples=args.num_draws, **data)
-            res = psis(idata)
-            c = compare(idata, reference, var_names=names)
-            row = dict(
-                guide=label,
-                steps=steps,
-                seconds=seconds,
-                khat=res.khat,
-                mean=c.worst_mean_error,
-                sd=c.worst_sd_error,
-                w1=c.worst_wasserstein,
+            row = job(model)
+            scored_model = (
+                reparam_model(model, args.reparam[name]) if "Reparam" in label else model
+            )
+            row.update(
+                score_guide(row.pop("guide_obj"), scored_model, data, reference, names, args)
             )
         except Exception as err:  # report and go on: one broken fit must not sink the run
             row = dict(guide=label, error=f"{type(err).__name__}: {str(err)[:80]}")
@@ -294,6 +420,10 @@ def fmt(x: float, digits: int = 2) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def nuts_grade(r: dict) -> bool:
+    return "error" not in r and r["mean"] < 0.2 and r["sd"] < 0.2 and r["khat"] < 0.7
+
+
 def markdown(results: list, args, total: float) -> str:
     lines = [
         "# posteriordb: guide quality versus reference draws",
@@ -304,18 +434,26 @@ def markdown(results: list, args, total: float) -> str:
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} thread(s); "
-        f"total wall time {total / 60:.1f} min. Every guide: Adam, {args.particles}-particle "
-        f"ELBO, lr {args.lr} decaying 10x over {args.num_steps} steps (overrides: "
-        f"{args.steps_override or 'none'}), all started at the same location (the posterior "
-        "mode found by L-BFGS where it exists, else the prior median; Pyro's AutoIAFNormal "
-        "ignores it and starts at the origin of the unconstrained space); "
-        f"AutoFlowGuide with {args.num_flows} layers "
-        f"(planar and radial {FLOW_LAYERS['planar']}); AutoIAFNormal with 2. "
-        f"Guides: {', '.join(args.guides)}. "
-        f"k-hat from {args.num_draws} guide draws (`psis`); errors against the 10,000 "
-        "reference draws over the posteriordb parameters (`compare`): worst |mean error| "
-        "and worst |sd error| in reference-sd units, worst 1-D Wasserstein distance / sd. "
-        "k-hat: < 0.5 good, < 0.7 usable, >= 0.7 unreliable.",
+        f"total wall time {total / 60:.1f} min.",
+        "",
+        "Two protocols. **Fixed budget** (rows named after the guide): Adam, "
+        f"{args.particles}-particle ELBO, lr {args.lr} decaying 10x over {args.num_steps} steps "
+        f"(overrides: {args.steps_override or 'none'}), every guide started at its own copy of "
+        "the same location (the posterior mode found by L-BFGS where it exists, else the prior "
+        "median; Pyro's AutoIAFNormal ignores it); AutoFlowGuide with "
+        f"{args.num_flows} layers (planar and radial {FLOW_LAYERS['planar']}); AutoIAFNormal "
+        "with 2. **VI(...)** rows: `pyroflows.VI(model, guide).run(**data)` with every "
+        "default (mode + Laplace start in whitened coordinates, step-size pilots, stopping "
+        "rule, iterate averaging); `VI(flow-X)` is `AutoFlowGuide(model, flow=X, "
+        "num_flows=2, base='full')` (planar and radial 8 layers), `VI(default)` is VI's "
+        "default guide. *grad evals* counts log-density gradient evaluations (steps x "
+        "particles, plus the mode search and Hessians for VI).",
+        "",
+        f"k-hat: median [min-max] of `psis` over {args.khat_seeds} independent sets of "
+        f"{args.num_draws} guide draws (k-hat is noisy); errors from the first set against "
+        "the 10,000 reference draws over the posteriordb parameters (`compare`): worst |mean "
+        "error| and worst |sd error| in reference-sd units, worst 1-D Wasserstein distance / "
+        "sd. **NUTS-grade**: both errors < 0.2 and k-hat < 0.7.",
         "",
         f"NUTS: one Pyro NUTS chain (JIT-compiled, {args.nuts_warmup} warmup + up to "
         f"{args.nuts_samples} draws, stopped after {args.nuts_seconds:g} s). "
@@ -326,36 +464,54 @@ def markdown(results: list, args, total: float) -> str:
         "",
         "Timings come from a shared 2-core machine and are noisy; compare within a table.",
         "",
+        "## Overview: NUTS-grade guides per posterior",
+        "",
+        "| posterior | NUTS-grade rows | VI(default): mean / sd err, k-hat |",
+        "|---|---|---|",
     ]
+    for res in results:
+        grade = [r["guide"] for r in res["rows"] if nuts_grade(r)]
+        vi = next((r for r in res["rows"] if r["guide"] == "VI(default)"), None)
+        vi_txt = (
+            "-"
+            if vi is None or "error" in vi
+            else (
+                f"{fmt(vi['mean'])} / {fmt(vi['sd'])}, {fmt(vi['khat'])}"
+                + (" (NUTS-grade)" if nuts_grade(vi) else " (not NUTS-grade)")
+            )
+        )
+        lines.append(f"| {res['name']} | {', '.join(grade) or '**none**'} | {vi_txt} |")
+    lines.append("")
     for res in results:
         lines += [
             f"## {res['name']}",
             "",
-            "| guide | steps | wall s | k-hat | worst mean err | worst sd err | worst W1 "
-            "| NUTS to match |",
-            "|---|---|---|---|---|---|---|---|",
+            "| guide | steps | grad evals | wall s | k-hat | worst mean err | worst sd err "
+            "| worst W1 | NUTS to match | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         prefixes = res["nuts"]["prefixes"] if res["nuts"] else []
         for r in res["rows"]:
             if "error" in r:
-                lines.append(f"| {r['guide']} | failed: {r['error']} |||||||")
+                lines.append(f"| {r['guide']} | failed: {r['error']} |||||||||")
                 continue
             match = nuts_time_to_match(prefixes, r["mean"], r["sd"]) if prefixes else "-"
+            lo, hi = r["khat_range"]
             lines.append(
-                f"| {r['guide']} | {r['steps']} | {r['seconds']:.1f} | "
-                f"{fmt(r['khat'])} | {fmt(r['mean'])} | {fmt(r['sd'])} | "
-                f"{fmt(r['w1'])} | {match} |"
+                f"| {r['guide']} | {r['steps']} | {r['grad_evals']} | {r['seconds']:.1f} | "
+                f"{fmt(r['khat'])} [{fmt(lo)}-{fmt(hi)}] | {fmt(r['mean'])} | {fmt(r['sd'])} | "
+                f"{fmt(r['w1'])} | {match} | {r['note']} |"
             )
         if res["nuts"] and not prefixes:
             lines.append(
-                f"| NUTS | no draws: warmup unfinished after {args.nuts_seconds:g} s |||||||"
+                f"| NUTS | no draws: warmup unfinished after {args.nuts_seconds:g} s |||||||||"
             )
         if res["nuts"] and prefixes:
             run = res["nuts"]["run"]
             k, t, m, s = prefixes[-1]
             lines.append(
-                f"| NUTS ({k} draws) | - | {t:.1f} | - | {fmt(m)} | {fmt(s)} | - | "
-                f"warmup {fmt(run['warmup_end'], 1)} s |"
+                f"| NUTS ({k} draws) | - | - | {t:.1f} | - | {fmt(m)} | {fmt(s)} | - | "
+                f"warmup {fmt(run['warmup_end'], 1)} s | {run['divergences']} divergences |"
             )
         lines += ["", summary_line(res), ""]
     return "\n".join(lines) + "\n"
@@ -363,17 +519,17 @@ def markdown(results: list, args, total: float) -> str:
 
 def summary_line(res: dict) -> str:
     ok = [r for r in res["rows"] if "error" not in r]
-    flows = [r for r in ok if r["guide"].startswith("flow-")]
-    base = {r["guide"]: r for r in ok}
-    if not flows or "AutoNormal" not in base:
-        return "Summary: not enough successful fits to compare."
-    best = min(flows, key=lambda r: r["sd"])
-    parts = [f"Best AutoFlowGuide by worst sd error: {best['guide']} ({fmt(best['sd'])})"]
-    for other in ("AutoNormal", "AutoMultivariateNormal"):
-        if other in base:
-            verdict = "better than" if best["sd"] < base[other]["sd"] else "NOT better than"
-            parts.append(f"{verdict} {other} ({fmt(base[other]['sd'])})")
-    return "Summary: " + "; ".join(parts) + "."
+    if not ok:
+        return "Summary: every fit failed."
+    grade = [r["guide"] for r in ok if nuts_grade(r)]
+    if not grade:
+        best = min(ok, key=lambda r: max(r["mean"], r["sd"]))
+        return (
+            "Summary: **no guide is NUTS-grade here** (closest by worst error: "
+            f"{best['guide']}, mean {fmt(best['mean'])}, sd {fmt(best['sd'])}, "
+            f"k-hat {fmt(best['khat'])})."
+        )
+    return f"Summary: NUTS-grade: {', '.join(grade)}."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -403,6 +559,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="posteriors without NUTS (garch: ~0.7 s per NUTS iteration in Pyro here)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--khat-seeds", type=int, default=3, help="draw sets behind each k-hat")
+    p.add_argument(
+        "--reparam",
+        nargs="*",
+        default=["eight_schools-eight_schools_centered=theta"],
+        help="NAME=SITE[,SITE]: also fit VI(default) with these sites non-centred",
+    )
     p.add_argument(
         "--no-map-init",
         dest="map_init",
@@ -411,25 +574,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.steps_override = {k: int(v) for k, v in (x.split("=") for x in args.steps_override)}
+    args.reparam = {k: v.split(",") for k, v in (x.split("=") for x in args.reparam)}
     return args
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_default_dtype(torch.float64)
     pdb = load_posteriordb(args.posteriordb.resolve())
-    guides = guide_factories(args.num_flows)
-    args.guides = args.guides or [g for g in guides if g not in OPTIONAL_GUIDES]
-    if args.guides:
-        unknown = set(args.guides) - set(guides)
-        if unknown:
-            raise SystemExit(f"unknown guides {sorted(unknown)}; choose from {list(guides)}")
-        guides = {k: v for k, v in guides.items() if k in args.guides}
+    guides, vis = guide_factories(args.num_flows), vi_factories()
+    known = {**guides, **vis}
+    args.guides = args.guides or [g for g in known if g in DEFAULT_ROWS]
+    unknown = set(args.guides) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown guides {sorted(unknown)}; choose from {list(known)}")
+    guides = {k: v for k, v in guides.items() if k in args.guides}
+    vis = {k: v for k, v in vis.items() if k in args.guides}
     names = args.posteriors or list(pdb.POSTERIORS)
     start, results = time.perf_counter(), []
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"{name}", flush=True)
-        results.append(evaluate(name, pdb, args, guides))
+        results.append(evaluate(name, pdb, args, guides, vis))
         args.output.write_text(markdown(results, args, time.perf_counter() - start))
     print(f"wrote {args.output} in {(time.perf_counter() - start) / 60:.1f} min")
 
