@@ -18,6 +18,7 @@ r"""``pyroflows.VI``: fit an autoguide without tuning, MCMC-style.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -385,7 +386,8 @@ class VI:
             (Newton polish and Laplace start); above it the search ends with L-BFGS and the
             guide starts at the mode without whitening.
         num_draws: Guide draws behind the final PSIS report and :meth:`summary`.
-        num_score_draws: Draws of the ELBO estimates that compare pilots and averaging.
+        num_score_draws: Draws of the ELBO estimates that compare the pilots (the final
+            choices, averaged or last iterate and fitted or start, use ``num_draws``).
         seed: Seed for everything random in :meth:`run` (``None``: the global RNG state).
         progress_bar: Show a tqdm progress bar.
 
@@ -516,8 +518,8 @@ class VI:
         init, whitened = self._start(mode, searches)
         crn_seed = int(torch.randint(2**31 - 1, ()))
 
-        def score() -> float:
-            log_w = _draw_log_weights(target, ld, self.num_score_draws, crn_seed)[1]
+        def score(num: int = self.num_score_draws) -> float:
+            log_w = _draw_log_weights(target, ld, num, crn_seed)[1]
             finite = torch.isfinite(log_w)
             if float(finite.double().mean()) < 0.9:  # mostly off the model's support
                 return -math.inf
@@ -532,7 +534,8 @@ class VI:
                 target, loss_fn, score, self.step_sizes, pilot_steps, run, bar
             )
             converged, averaged = self._optimise(loss_fn, lr, run, bar, score)
-        if whitened and _better_start(target, initial, score):
+        final_score = functools.partial(score, max(self.num_draws, self.num_score_draws))
+        if whitened and _better_start(target, initial, final_score):
             init += "; kept as is: it scored higher than every optimised state"
         report = importance_report(_draw_log_weights(target, ld, self.num_draws, None)[1])
         return FitResult(
@@ -594,7 +597,8 @@ class VI:
                 monitor.reset()
                 if phase == self.num_decays:
                     average = IterateAverage(params)
-        return converged, average is not None and _keep_average(average, score)
+        final_score = functools.partial(score, max(self.num_draws, self.num_score_draws))
+        return converged, average is not None and _keep_average(average, final_score)
 
     def _warn(self) -> None:
         fit = self.fits[self._result["best"]]
