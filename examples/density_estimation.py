@@ -227,18 +227,33 @@ def write_table(task: str, results: dict[str, dict], args: argparse.Namespace) -
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["toy", "digits", "both"], default="both")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--task",
+        choices=["toy", "digits", "both"],
+        default="both",
+        help="toy data, digits, or both",
+    )
     p.add_argument("--num-steps", type=int, default=3000, help="maximum optimizer steps")
-    p.add_argument("--num-flows", type=int, default=4)
+    p.add_argument(
+        "--num-flows",
+        type=int,
+        default=4,
+        help="layers per model (a glow block is actnorm + linear-lu + realnvp)",
+    )
     p.add_argument("--hidden", type=int, default=64, help="width of the conditioner layers")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256, help="mini-batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--eval-every", type=int, default=100, help="steps between validation evaluations"
+    )
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement")
     p.add_argument("--data-dir", default=None, help="directory with binarized_mnist.npz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=".")
+    p.add_argument("--seed", type=int, default=0, help="random seed (pyro.set_rng_seed)")
+    p.add_argument("--output-dir", default=".", help="where the figures and tables are written")
     return p.parse_args(argv)
 
 

@@ -153,16 +153,23 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--num-steps", type=int, default=3000, help="steps for teacher and student")
     p.add_argument("--dim", type=int, default=8, help="data dimension (>= 2)")
-    p.add_argument("--num-flows", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--num-flows", type=int, default=4, help="layers of the teacher and of the student"
+    )
+    p.add_argument("--hidden", type=int, default=64, help="width of the two MADE hidden layers")
+    p.add_argument("--batch-size", type=int, default=256, help="mini-batch / sample size per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--num-samples", type=int, default=10000, help="for KL and timing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=".")
+    p.add_argument("--seed", type=int, default=0, help="random seed (pyro.set_rng_seed)")
+    p.add_argument(
+        "--output-dir", default=".", help="where distillation.json and the figure are written"
+    )
     return p.parse_args(argv)
 
 
