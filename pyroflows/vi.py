@@ -561,10 +561,12 @@ class VI:
             self._target.start(None, None, None)
             return "init_loc_fn (no mode: " + "; ".join(reasons) + ")", False
         factor = laplace_factor(mode.hessian) if mode.hessian is not None else None
-        whitened = self._target.start(mode.z, factor, mode.hessian)
+        if self._target.start(mode.z, factor, mode.hessian):
+            return "Laplace approximation at the mode", True
         if factor is None:
-            return "mode (no Laplace factor: Hessian not computed)", whitened
-        return "Laplace approximation at the mode", whitened
+            return "mode (no Laplace factor: the Hessian was not computed)", False
+        kind = type(self.guide).__name__
+        return f"mode ({kind} is optimised in its own parameterisation, not whitened)", False
 
     def _optimise(
         self, loss_fn: Callable, lr: float, run: _Run, bar: Any, score: Callable[[], float]

@@ -13,6 +13,8 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import (
     AutoDelta,
     AutoDiagonalNormal,
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
     init_to_value,
@@ -367,6 +369,20 @@ def test_gaussian_autoguides_are_fitted_and_written_back(make):
     torch.testing.assert_close(median["b"], torch.ones(2, dtype=F64), atol=0.02, rtol=0)
     draws = Predictive(model, guide=guide, num_samples=4000)()["a"]
     assert abs(float(draws.std()) - 0.01) < 0.001
+
+
+@pytest.mark.parametrize("make", [AutoLowRankMultivariateNormal, AutoIAFNormal])
+def test_other_autocontinuous_guides_are_fitted_natively(make):
+    def model():
+        pyro.sample("a", dist.Normal(torch.tensor(2.0, dtype=F64), 0.5))
+        pyro.sample("b", dist.LogNormal(torch.zeros(2, dtype=F64), 0.5).to_event(1))
+
+    pyro.clear_param_store()
+    vi = VI(model, make(model), progress_bar=False, seed=0).run()
+    d = vi.diagnostics()
+    assert d["init"].startswith("mode (") and not d["whitened"] and d["khat"] < 0.7
+    a = vi.get_samples(4000)["a"]
+    assert abs(float(a.mean()) - 2.0) < 0.05 and abs(float(a.std()) - 0.5) < 0.05
 
 
 def test_fitted_guide_is_reusable_predictive_state_dict_neutra():
