@@ -343,8 +343,8 @@ def _check_nonneg_int(name: str, value: object) -> int:
 
 
 def default_guide(model: Callable) -> AutoFlowGuide:
-    """The guide :class:`VI` fits when none is given: a full-rank IAF flow guide."""
-    return AutoFlowGuide(model, flow="iaf", num_flows=2, base="full")
+    """The guide :class:`VI` fits when none is given: four IAF layers and a full-rank base."""
+    return AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")
 
 
 class VI:
@@ -368,7 +368,7 @@ class VI:
     Args:
         model: A Pyro model with continuous latent sites.
         guide: An autoguide for ``model``; default :func:`default_guide`
-            (``AutoFlowGuide(model, flow="iaf", num_flows=2, base="full")``).
+            (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``).
         num_particles: Draws per ELBO gradient estimate.
         max_steps: Adam step budget per restart, pilots included.
         num_restarts: Independent fits (different seeds; the r-th uses the r-th best
