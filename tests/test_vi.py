@@ -228,6 +228,18 @@ def test_vi_does_not_stop_while_still_improving():
     assert not vi.diagnostics()["converged"] and vi.diagnostics()["steps"] == 600
 
 
+def test_above_max_hessian_dim_the_guide_starts_at_the_lbfgs_mode():
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([4.0, -3.0], dtype=F64), 0.5).to_event(1))
+
+    vi = VI(model, max_hessian_dim=1, progress_bar=False, seed=0).run()
+    d = vi.diagnostics()
+    assert d["init"].startswith("mode (no Laplace factor") and not d["whitened"]
+    assert d["mode_search"][0] == "L-BFGS (no Hessian)"
+    x = vi.get_samples(4000)["x"]
+    assert float((x.mean(0) - torch.tensor([4.0, -3.0], dtype=F64)).abs().max()) < 0.05
+
+
 def test_iterate_average():
     p = torch.nn.Parameter(torch.zeros(3))
     avg = IterateAverage([p])
