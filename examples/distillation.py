@@ -5,6 +5,21 @@
    the student samples in one pass and scores its own samples from the cache, and the
    teacher scores them in one pass, so every step is parallel in the dimension.
 
+Pure reverse KL from the student's identity start fails here: off the data manifold the
+teacher's log-density reaches about -1e12 (its inverse divides by a σ as small as 1e-3 in
+every layer), so the first gradients are of that size and the student's tails never
+recover (measured: KL 9.6 ± 5.2 nats at D = 2 after 1500 steps). A short warm start, maximum
+likelihood of the student on teacher samples (``--warm-start`` steps; the IAF scores them in
+D passes), fixes it.
+
+Full run (the defaults: D = 8, K = 4 layers of two hidden layers of 64, 3000 teacher steps,
+300 warm-start + 3000 KL student steps; one seed, 1 thread on a shared 2-core CPU):
+KL(student || teacher) = 2.22 ± 0.03 nats; the teacher's log-likelihood is -8.56 per point
+for student samples, -8.05 for its own samples and -8.70 for test data (so the student's
+samples are about as plausible to the teacher as real data); drawing 10000 samples takes
+0.050 s from the student and 0.439 s from the teacher (8.7x). Also in
+``benchmarks/results/distillation.md``.
+
 Prints the KL estimate, the teacher's log-likelihood of student samples (against its
 log-likelihood of its own samples and of test data) and the time to draw samples from
 the student (one pass) and from the teacher (D sequential passes); writes
@@ -43,7 +58,7 @@ def data(n: int, dim: int) -> Tensor:
     y = torch.where(upper, torch.sin(theta), 0.5 - torch.sin(theta))
     cols = [x + 0.1 * torch.randn(n), y + 0.1 * torch.randn(n)]
     for _ in range(dim - 2):
-        cols.append(torch.tanh(2 * cols[-1]) * cols[-2] + 0.2 * torch.randn(n))
+        cols.append(torch.tanh(2 * cols[-1]) * cols[-2] + 0.5 * torch.randn(n))
     out = torch.stack(cols, -1)[:, :dim]
     return (out - out.mean(0)) / out.std(0)
 
@@ -73,10 +88,19 @@ def fit_teacher(teacher: list, train: Tensor, args: argparse.Namespace) -> None:
 
 
 def fit_student(student: list, teacher: list, dim: int, args: argparse.Namespace) -> None:
-    """Minimise KL(q_s || p_t) = E_{z ~ q_s}[log q_s(z) − log p_t(z)], reparameterised."""
+    """Minimise KL(q_s || p_t) = E_{z ~ q_s}[log q_s(z) − log p_t(z)], reparameterised,
+    after ``--warm-start`` steps of maximum likelihood on teacher samples (see the module
+    docstring for why)."""
     for p in params_of(teacher):
         p.requires_grad_(False)
     opt = torch.optim.Adam(params_of(student), lr=args.lr)
+    for _ in range(min(args.warm_start, args.num_steps)):
+        with torch.no_grad():
+            s = model_of(teacher, dim).sample((args.batch_size,))
+        loss = -model_of(student, dim).log_prob(s).mean()  # IAF inverse: D passes
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     for _ in range(args.num_steps):
         q = model_of(student, dim)
         z = q.rsample((args.batch_size,))
@@ -158,6 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--num-steps", type=int, default=3000, help="steps for teacher and student")
+    p.add_argument(
+        "--warm-start",
+        type=int,
+        default=300,
+        help="student steps of maximum likelihood on teacher samples before the KL",
+    )
     p.add_argument("--dim", type=int, default=8, help="data dimension (>= 2)")
     p.add_argument(
         "--num-flows", type=int, default=4, help="layers of the teacher and of the student"
