@@ -52,12 +52,18 @@ def _linear_lu_inverse(
     """x = U⁻¹ L⁻¹ Pᵀ (y − b) by two triangular solves, O(D²) per point; and the forward
     log-det Σ log U_ii."""
     l_mat, u_mat, log_diag = lu_factors(lower, upper, diag_raw)
-    v = torch.empty_like(y - bias)
-    v[..., perm] = y - bias
-    batch = torch.broadcast_shapes(v.shape[:-1], l_mat.shape[:-2])
-    v = v.expand(*batch, v.shape[-1]).unsqueeze(-1)
-    w = torch.linalg.solve_triangular(l_mat, v, upper=False, unitriangular=True)
-    x = torch.linalg.solve_triangular(u_mat, w, upper=True).squeeze(-1)
+    rhs = y - bias
+    v = torch.empty_like(rhs)
+    v[..., perm] = rhs
+    if l_mat.dim() == 2:  # one matrix: every point is a column of one solve, (D, N)
+        cols = v.reshape(-1, v.shape[-1]).T
+        w = torch.linalg.solve_triangular(l_mat, cols, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(u_mat, w, upper=True).T.reshape(v.shape)
+    else:  # batched matrices (a conditional flow): one solve per point
+        batch = torch.broadcast_shapes(v.shape[:-1], l_mat.shape[:-2])
+        v = v.expand(*batch, v.shape[-1]).unsqueeze(-1)
+        w = torch.linalg.solve_triangular(l_mat, v, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(u_mat, w, upper=True).squeeze(-1)
     return x, log_diag.sum(-1).expand(x.shape[:-1])
 
 
