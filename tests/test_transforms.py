@@ -336,6 +336,8 @@ def test_cache_follows_copies_and_conversions(kind, name):
             p.add_(0.1 * torch.randn_like(p))
     assert not torch.equal(clone(x), y)
     assert module(x) is y
+    module.load_state_dict(clone.state_dict(), assign=True)  # new parameter objects
+    torch.testing.assert_close(module(x), clone(x.clone()), atol=0, rtol=0)
     module.to(torch.float32)
     x32 = torch.randn(5, D)
     assert module(x32).dtype == torch.float32

@@ -203,11 +203,19 @@ class FlowModule(FlowMixin, TransformModule):
         """The constrained parameters passed to the pure forward/inverse functions."""
         raise NotImplementedError
 
-    def _apply(self, fn: Callable, *args: object, **kwargs: object) -> FlowModule:
-        # .to() / .double() may replace parameter objects: forget them and the cache
+    def _forget(self) -> None:
         self.__dict__.pop("_flat_params", None)
         self.__dict__.pop("_flow_cache", None)
+
+    def _apply(self, fn: Callable, *args: object, **kwargs: object) -> FlowModule:
+        # .to() / .double() may replace parameter objects: forget them and the cache
+        self._forget()
         return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        # load_state_dict(assign=True) replaces parameter objects
+        self._forget()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return type(self).forward_fn(x, *self.params())
