@@ -1,4 +1,4 @@
-"""Fit a Bayesian linear regression with correlated, badly scaled predictors by ``pyroflows.VI``.
+"""Fit a Bayesian linear regression with correlated, badly scaled predictors by pyroflows.VI.
 
 This is the kind of posterior on which plain SVI fails for every guide (posteriordb's
 ``sblrc-blr``: a nearly Gaussian posterior whose coefficients are strongly correlated and

@@ -109,28 +109,40 @@ def _lbfgs(u: _Counted, z0: Tensor, max_iter: int) -> Tensor:
 
 
 def _newton(u: _Counted, z: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, bool]:
-    """Damped Newton with a backtracking (Armijo) line search; returns (z, H, converged)."""
+    """Damped Newton with a backtracking (Armijo) line search; returns (z, H, converged).
+
+    Converged means a positive-definite Hessian and a Newton decrement below ``tol`` or, in
+    low precision, below what rounding of the potential allows (``100 eps (1 + |U|)``).
+    """
     value, grad = u.value_grad(z)
     hess = u.hessian(z)
-    for _ in range(max_iter):
+    eps = torch.finfo(z.dtype).eps
+    for _ in range(max_iter + 1):
         step, exact = _newton_step(hess, grad)
         decrement = float(-(grad @ step))
-        if exact and decrement < tol:
+        floor = max(tol, 100 * eps * (1.0 + abs(float(value))))
+        if exact and decrement < floor:
             return z, hess, True
-        t, accepted = 1.0, False
-        while t > 1e-12:
-            trial = z + t * step
-            v_trial, g_trial = u.value_grad(trial)
-            if torch.isfinite(v_trial) and float(v_trial) <= float(value) - 1e-4 * t * decrement:
-                accepted = True
-                break
-            t *= 0.5
-        if not accepted:
-            return z, hess, exact and decrement < 1e3 * tol
-        z, value, grad = trial, v_trial, g_trial
+        trial = _line_search(u, z, value, step, decrement)
+        if trial is None:  # no decrease possible along the step: at the rounding floor?
+            return z, hess, exact and decrement < 1e3 * floor
+        z, value, grad = trial
         hess = u.hessian(z)
-    step, exact = _newton_step(hess, grad)
-    return z, hess, exact and float(-(grad @ step)) < tol
+    return z, hess, False
+
+
+def _line_search(
+    u: _Counted, z: Tensor, value: Tensor, step: Tensor, decrement: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Backtrack from the full step until the Armijo condition holds (at most 30 halvings)."""
+    t = 1.0
+    for _ in range(30):
+        trial = z + t * step
+        v_trial, g_trial = u.value_grad(trial)
+        if torch.isfinite(v_trial) and float(v_trial) <= float(value) - 1e-4 * t * decrement:
+            return trial, v_trial, g_trial
+        t *= 0.5
+    return None
 
 
 def _newton_step(hess: Tensor, grad: Tensor) -> tuple[Tensor, bool]:
