@@ -124,8 +124,19 @@ class LogDensity:
 
 
 def prototype_trace(model: Callable, guide: Any, args: tuple, kwargs: dict) -> Trace:
-    """The prototype trace of an autoguide, set up (once) from the model's arguments."""
+    """The prototype trace of an autoguide, set up (once) from the model's arguments.
+
+    A guide that is set up here has no parameters yet, so any entry of Pyro's global param
+    store under its name (``"AutoFlowGuide.loc"``, ...) is a leftover of an earlier guide with
+    the same name; such entries are removed first, since ``PyroModule`` would otherwise
+    replace the new guide's parameters by them (wrong values, or wrong shapes).
+    """
     if getattr(guide, "prototype_trace", None) is None:
+        store = pyro.get_param_store()
+        prefix = getattr(guide, "_pyro_name", None)
+        if prefix:
+            for name in [n for n in store.keys() if n.startswith(prefix + ".")]:
+                del store[name]
         with torch.no_grad(), poutine.block():
             guide(*args, **kwargs)
     return guide.prototype_trace

@@ -456,6 +456,23 @@ def test_summary_diagnostics_and_inference_data(capsys):
     assert resampled["sigma"].shape == (200,)
 
 
+def test_stale_param_store_entries_of_another_guide_do_not_leak_in():
+    pyro.clear_param_store()
+    with warnings.catch_warnings(record=True):  # a 50-step budget: not converged
+        warnings.simplefilter("always")
+        VI(regression, progress_bar=False, seed=0, max_steps=50).run(X, Y)  # D = 3
+    assert "AutoFlowGuide.scale_tril" in pyro.get_param_store().keys()
+
+    def one_site():
+        pyro.sample("mu", dist.Normal(torch.tensor(1.0, dtype=F64), 2.0))
+
+    with warnings.catch_warnings(record=True):  # a 50-step budget: not converged
+        warnings.simplefilter("always")
+        vi = VI(one_site, progress_bar=False, seed=0, max_steps=50).run()  # D = 1
+    assert vi.guide.scale_tril.shape == (1, 1)
+    assert abs(float(vi.get_samples(2000)["mu"].mean()) - 1.0) < 0.2
+
+
 def test_results_before_run_and_bad_arguments():
     vi = VI(regression, progress_bar=False)
     with pytest.raises(RuntimeError, match="run"):
