@@ -9,6 +9,7 @@ linear functions of :math:`h` (Rezende & Mohamed 2015; van den Berg et al. 2018)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,8 +113,8 @@ class FlowEncoder(nn.Module):
         if flow != "none" and flow not in CONDITIONAL_FLOWS:
             choices = ["none", *sorted(CONDITIONAL_FLOWS)]
             raise ValueError(f"flow must be one of {choices}; got {flow!r}")
-        if not (isinstance(min_scale, float | int) and min_scale > 0):
-            raise ValueError(f"min_scale must be a positive float; got {min_scale!r}")
+        if not (isinstance(min_scale, float | int) and 0 < min_scale < math.inf):
+            raise ValueError(f"min_scale must be a positive finite float; got {min_scale!r}")
         self.flow = flow
         self.num_flows = 0 if flow == "none" else check_positive_int("num_flows", num_flows)
         self.min_scale = float(min_scale)

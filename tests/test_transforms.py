@@ -238,6 +238,10 @@ def test_invertibility_constraint_holds_for_adversarial_parameters(
     ladj = t.log_abs_det_jacobian(x, y)
     assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
     blocks = jacobian_blocks(t, x)
+    # the autograd reference itself can be NaN (radial at x = x0 with alpha at its floor):
+    # skip those points; the finiteness of ours was asserted above at every point
+    finite = torch.isfinite(blocks).flatten(-2).all(-1)
+    blocks, ladj = blocks[finite], ladj[finite]
     sign, expected = torch.linalg.slogdet(blocks)
     # slogdet of the autograd Jacobian has relative error ~ eps * cond(J): compare only where
     # it is reliable (ours stays exact where it is not, see the flow-specific tests)

@@ -215,8 +215,10 @@ def test_vae_argument_errors(kwargs, match):
 def test_encoder_argument_errors():
     with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
         FlowEncoder(lambda x: x, 3, 2)
-    with pytest.raises(ValueError, match="min_scale must be a positive float"):
+    with pytest.raises(ValueError, match="min_scale must be a positive finite float"):
         FlowEncoder(nn.Identity(), 3, 2, min_scale=0.0)
+    with pytest.raises(ValueError, match="min_scale must be a positive finite float"):
+        FlowEncoder(nn.Identity(), 3, 2, min_scale=float("inf"))
     with pytest.raises(ValueError, match="hidden_dim must be a positive int"):
         FlowEncoder(nn.Identity(), 0, 2)
 
