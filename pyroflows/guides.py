@@ -112,6 +112,10 @@ class AutoFlowGuide(AutoContinuous):
     the untrained guide is a well-initialised :class:`~pyro.infer.autoguide.AutoNormal`
     (Pyro's :class:`~pyro.infer.autoguide.AutoNormalizingFlow` ignores ``init_loc_fn``).
 
+    :meth:`precondition` adds a fixed affine map after the learnable one, so that the
+    learnable parameters work in whitened coordinates (:class:`pyroflows.VI` sets it to the
+    mode and the Laplace factor; the untrained guide is then the Laplace approximation).
+
     Parameters are created on the first call (or :meth:`median`, :meth:`quantiles`,
     :meth:`sample_posterior`), on the device and dtype of the model's tensors; ``guide.to``
     moves all of them.
@@ -127,8 +131,9 @@ class AutoFlowGuide(AutoContinuous):
         flow: A name in :data:`pyroflows.transforms.FLOWS` or a callable
             ``latent_dim -> TransformModule``.
         num_flows: Number of stacked flow layers. A parameter-free reversal is inserted
-            between layers of the families in :data:`PERMUTED_FLOWS` and of any layer with
-            ``autoregressive = True`` (such as Pyro's ``AffineAutoregressive``).
+            between layers whose class declares a fixed coordinate order
+            (``autoregressive = True``, as IAF, MAF and Pyro's ``AffineAutoregressive``, or
+            ``coupling = True``).
         init_loc_fn: Per-site initialisation of the base mean (Pyro's ``init_to_*``).
         init_scale: Initial standard deviation of the base in unconstrained space.
         base: ``"diagonal"`` or ``"full"`` (lower-Cholesky) affine map of the base.
