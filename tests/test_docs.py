@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~15 s of Sphinx
 def test_docs_build_without_warnings_and_registry_pages_are_not_dicts_docstring(tmp_path):
     pytest.importorskip("sphinx")
     build = tmp_path / "html"

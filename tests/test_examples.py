@@ -47,6 +47,7 @@ def _load_example(name: str):
     return module
 
 
+@pytest.mark.slow  # ~10 s; the script itself runs in test_example_runs
 def test_compare_posteriors_quick_mode_and_progress(tmp_path):
     example = _load_example("compare_posteriors")
     quick = example.parse_args(["--quick"])

@@ -39,6 +39,8 @@ from pyroflows.vi import (
 )
 
 F64 = torch.float64
+# for tests about something other than VI's defaults: shorter pilots and stopping windows
+QUICK = dict(pilot_steps=50, window=50)
 
 
 # ---------------------------------------------------------------- models with known answers
@@ -71,7 +73,15 @@ def test_gaussian_is_ill_conditioned():
     assert float(eig.max() / eig.min()) >= 1e4
 
 
-@pytest.mark.parametrize("flow", sorted(FLOWS))
+# the default run fits the default flow and one flow of each kind (~9 s each on a 2-core CI
+# machine); the other families run with -m slow, to keep the default suite under 10 minutes
+FAST_FLOWS = {"iaf", "maf", "planar", "realnvp", "spline", "sylvester-householder"}
+
+
+@pytest.mark.parametrize(
+    "flow",
+    [f if f in FAST_FLOWS else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FLOWS)],
+)
 def test_correlated_gaussian_every_flow_reaches_small_kl(flow):
     torch.set_default_dtype(F64)
     try:
@@ -383,7 +393,7 @@ def test_gaussian_autoguides_are_fitted_and_written_back(make):
 
     pyro.clear_param_store()
     guide = make(model)
-    vi = VI(model, guide, progress_bar=False, seed=0).run()
+    vi = VI(model, guide, progress_bar=False, seed=0, **QUICK).run()
     assert vi.guide is guide and vi.diagnostics()["khat"] < 0.5
     median = guide.median()  # the guide's own parameters now hold the fit
     assert abs(float(median["a"]) - 2.0) < 1e-3
@@ -399,7 +409,7 @@ def test_other_autocontinuous_guides_are_fitted_natively(make):
         pyro.sample("b", dist.LogNormal(torch.zeros(2, dtype=F64), 0.5).to_event(1))
 
     pyro.clear_param_store()
-    vi = VI(model, make(model), progress_bar=False, seed=0).run()
+    vi = VI(model, make(model), progress_bar=False, seed=0, **QUICK).run()
     d = vi.diagnostics()
     assert d["init"].startswith("mode (") and not d["whitened"] and d["khat"] < 0.7
     a = vi.get_samples(4000)["a"]
@@ -408,7 +418,7 @@ def test_other_autocontinuous_guides_are_fitted_natively(make):
 
 def test_fitted_guide_is_reusable_predictive_state_dict_neutra():
     pyro.clear_param_store()
-    vi = VI(regression, progress_bar=False, seed=0).run(X, Y)
+    vi = VI(regression, progress_bar=False, seed=0, **QUICK).run(X, Y)
     draws = Predictive(regression, guide=vi.guide, num_samples=500)(X)
     assert draws["y"].shape == (500, 20) and draws["beta"].shape == (500, 1, 2)
     # state_dict round trip into a fresh guide of the same configuration
@@ -429,7 +439,7 @@ def test_fitted_guide_is_reusable_predictive_state_dict_neutra():
 
 def test_summary_diagnostics_and_inference_data(capsys):
     pyro.clear_param_store()
-    vi = VI(regression, progress_bar=False, seed=0, num_draws=500).run(X, Y)
+    vi = VI(regression, progress_bar=False, seed=0, num_draws=500, **QUICK).run(X, Y)
     vi.summary()
     out = capsys.readouterr().out
     assert "beta[1]" in out and "sigma" in out and "PSIS k-hat" in out and "converged" in out
