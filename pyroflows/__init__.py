@@ -7,7 +7,9 @@ __version__ = "0.1.0"
 from pyroflows import datasets, transforms
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
-from pyroflows.infer import Trainer, evaluate, log_likelihood
+from pyroflows import objectives
+from pyroflows.objectives import log_likelihood
+from pyroflows.train import Trainer, evaluate
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
 from pyroflows.vae import VAE, FlowEncoder
 from pyroflows.vi import VI

@@ -24,7 +24,7 @@ import torch
 
 from pyroflows import __version__
 from pyroflows.datasets import DATASETS, Dataset, load_dataset
-from pyroflows.infer import Trainer, evaluate
+from pyroflows.train import Trainer, evaluate
 from pyroflows.transforms import CONDITIONAL_FLOWS
 from pyroflows.vae import ARCHITECTURES, VAE
 
