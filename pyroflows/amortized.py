@@ -1,0 +1,565 @@
+r"""An amortized flow autoguide for hierarchical models with local latent variables.
+
+:class:`AutoAmortizedFlowGuide` splits a model's latent sites at one plate (the *local
+plate*, typically the subsampled plate of groups or data points): the sites outside it get
+a global :class:`~pyroflows.AutoFlowGuide`, and the sites inside it get an amortized
+conditional flow :math:`q(z_i \mid x_i, \theta)` shared by all plate members, whose context is
+an encoding of member :math:`i`'s data and the sampled global latents :math:`\theta`. The
+number of guide parameters does not depend on the plate size, so the guide trains on
+mini-batches of ``pyro.plate(name, N, subsample_size=B)`` in time independent of N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from torch.distributions import Transform, biject_to
+
+from pyroflows._utils import check_positive_int
+from pyroflows.guides import AutoFlowGuide, _check_init_scale
+from pyroflows.transforms import CONDITIONAL_FLOWS
+from pyroflows.vae import FlowEncoder
+
+__all__ = ["AutoAmortizedFlowGuide"]
+
+_MIN_SCALE = 1e-4
+
+
+class _Found(Exception):
+    """Raised by :class:`_Discover` once it has seen everything it looks for."""
+
+
+class _Discover(Messenger):
+    """Record a plate's subsample indices and the observed values of some sites.
+
+    ``indices`` (optional) forces the plate's subsample. Raises :class:`_Found` as soon as
+    the indices and every site in ``observed`` have been seen, so the rest of the model
+    does not run.
+    """
+
+    def __init__(self, plate: str, observed: Sequence[str], indices: Tensor | None) -> None:
+        super().__init__()
+        self.plate, self.indices = plate, indices
+        self.missing = {plate, *observed}
+        self.sites: dict[str, Message] = {}
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if msg["name"] == self.plate and site_is_subsample(msg) and self.indices is not None:
+            msg["value"] = self.indices
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        name = msg["name"]
+        if name in self.missing and (name != self.plate or site_is_subsample(msg)):
+            self.sites[name] = msg.copy()
+            self.missing.discard(name)
+            if not self.missing:
+                raise _Found
+
+
+class _SkipMLP(nn.Module):
+    """``h = [x, mlp(x)]``: an MLP with its input passed through, so linear maps of ``x`` are
+    exactly representable by the linear heads of :class:`~pyroflows.vae.FlowEncoder`."""
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip([in_dim, *hidden_dims[:-1]], hidden_dims, strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ELU()]
+        self.mlp = nn.Sequential(*layers)
+        self.out_dim = in_dim + (hidden_dims[-1] if hidden_dims else 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.mlp(x)], dim=-1)  # (*batch, in_dim + hidden_dims[-1])
+
+
+def _to_members(value: Tensor, dim: int) -> Tensor:
+    """Move the plate dimension ``dim`` (negative) first and flatten the rest: ``(B, d)``."""
+    moved = value.movedim(dim, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _from_members(flat: Tensor, rest: torch.Size, dim: int) -> Tensor:
+    """Inverse of :func:`_to_members`: ``(*batch, B, d)`` to values with the plate at ``dim``."""
+    value = flat.reshape(flat.shape[:-1] + rest)  # (*batch, B, *rest)
+    return value.movedim(-len(rest) - 1, dim)
+
+
+def _plate_frame(site: Message, plate: str) -> Any:
+    return next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+
+
+def _subsampled(frame: Any) -> bool:
+    return frame.vectorized and frame.full_size not in (None, frame.size)
+
+
+class _LocalSite:
+    """Layout of one local latent site: its transform and where its plate dimension is."""
+
+    def __init__(self, name: str, site: Message, frame: Any) -> None:
+        self.name, self.site = name, site
+        self.transform: Transform = biject_to(site["fn"].support)
+        self.event_dim = site["fn"].event_dim
+        unconstrained = self.transform.inv(site["value"].detach())
+        self.dim = frame.dim - self.transform.domain.event_dim  # plate dim of the value
+        moved = unconstrained.movedim(self.dim, 0)
+        self.rest, self.size = moved.shape[1:], math.prod(moved.shape[1:])
+        self.init = moved.reshape(moved.shape[0], -1).mean(0)  # (size,)
+
+    def delta(self, flat: Tensor) -> dist.Delta:
+        """The site's value from its slice ``(B, size)`` of the packed local latent, with the
+        log-density correction :math:`-\\log|\\det J|` of ``biject_to`` (as AutoContinuous)."""
+        unconstrained = _from_members(flat, self.rest, self.dim)
+        value = self.transform(unconstrained)
+        if poutine.get_mask() is False:
+            return dist.Delta(value, log_density=0.0, event_dim=self.event_dim)
+        ladj = self.transform.inv.log_abs_det_jacobian(value, unconstrained)
+        ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + self.event_dim)
+        return dist.Delta(value, log_density=ladj, event_dim=self.event_dim)
+
+
+def _check_encoder(encoder: object) -> None:
+    if encoder is not None and not callable(encoder):
+        raise TypeError(
+            "encoder must be None (an MLP on the plate's observed data) or a callable "
+            f"encoder(indices, *args, **kwargs) -> (B, C) tensor; got {type(encoder).__name__}"
+        )
+
+
+def _check_hidden_dims(hidden_dims: object) -> tuple[int, ...]:
+    if isinstance(hidden_dims, (int, str)) or not isinstance(hidden_dims, Sequence):
+        raise TypeError(f"hidden_dims must be a sequence of positive ints; got {hidden_dims!r}")
+    for h in hidden_dims:
+        check_positive_int("every entry of hidden_dims", h)
+    return tuple(hidden_dims)
+
+
+def _softplus_inv(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class AutoAmortizedFlowGuide(AutoGuide):
+    r"""Global flow guide plus an amortized conditional flow for the sites of one plate.
+
+    The latent sites outside the plate ``local_plate`` (the *globals* :math:`\theta`) get an
+    :class:`~pyroflows.AutoFlowGuide` over the model blocked to them. The sites inside it (the
+    *locals* :math:`z_i` of plate member :math:`i`, mapped to unconstrained space with
+    ``biject_to`` and flattened into one vector per member) get
+
+    .. math::
+        q(z_i \mid x_i, \theta) = T_K \circ \dots \circ T_1 \,\#\,
+        \mathcal N\big(\mu(h_i), \sigma(h_i)^2\big), \qquad
+        h_i = [c_i, \mathrm{MLP}(c_i)], \quad c_i = [e(x_i), \theta],
+
+    a :class:`~pyroflows.vae.FlowEncoder` whose K conditional flows
+    (:data:`pyroflows.transforms.CONDITIONAL_FLOWS`) and Gaussian heads are functions of the
+    context :math:`h_i`. By default :math:`e(x_i)` is member :math:`i`'s slice of every
+    observed site in the plate, flattened and standardised (with the mean and sd of the first
+    call's slice); ``encoder`` replaces it by any function of the subsample indices and the
+    model's arguments. With ``condition_on_globals`` the context also holds the sampled
+    globals (unconstrained), so the guide is the joint :math:`q(\theta) \prod_i q(z_i \mid
+    x_i, \theta)` and can represent the posterior dependence of the locals on the globals.
+    The guide's size does not depend on the plate size N.
+
+    Subsampling works as in the model: each call runs the model (blocked, with prior draws,
+    stopping once the plate's observed sites are seen) to learn which members the plate
+    ``pyro.plate(name, N, subsample_size=B)`` or ``pyro.plate(name, N, subsample=idx)``
+    selects, and enters a plate with those indices, so the model replays them and the plate's
+    ``N / B`` scaling gives an unbiased ELBO. Works with :class:`~pyro.infer.SVI`,
+    :class:`~pyro.infer.Predictive` and ``state_dict``; :meth:`median` and :meth:`quantiles`
+    return the global sites.
+
+    Note:
+        Parameters are created on the first call. One subsampled plate is supported (other
+        plates, nested or not, may hold local sites only if they are not subsampled), the
+        local sites must be continuous, and the guide runs one particle at a time (no
+        ``vectorize_particles`` or ``Predictive(parallel=True)``). :class:`pyroflows.VI`
+        does not fit this guide (it optimises one packed latent vector); use SVI.
+
+    Args:
+        model: A Pyro model with continuous latent sites.
+        local_plate: Name of the plate whose sites are amortized. ``None``: the only
+            subsampled plate that holds latent sites (or, without subsampling, the only
+            plate that does).
+        encoder: ``None`` for the default (the flattened observed data of each member), or a
+            callable ``encoder(indices, *args, **kwargs)`` returning a ``(B, C)`` tensor for
+            the ``B`` subsample ``indices``. An ``nn.Module`` encoder is trained with the
+            guide; a plain function must register its own parameters (``pyro.module``).
+        flow: Flow of the global :class:`~pyroflows.AutoFlowGuide`.
+        num_flows: Number of flow layers of the global guide.
+        base: ``"diagonal"`` or ``"full"`` base of the global guide.
+        local_flow: A key of :data:`pyroflows.transforms.CONDITIONAL_FLOWS`, or ``"none"``
+            for a Gaussian :math:`q(z_i \mid x_i, \theta)`.
+        num_local_flows: Number of conditional flow layers K.
+        hidden_dims: Widths of the context MLP's hidden layers (ELU).
+        condition_on_globals: Put the sampled global latents into the context.
+        init_loc_fn: Per-site initialisation (Pyro's ``init_to_*``); the local base mean
+            starts at the members' average initial value.
+        init_scale: Initial standard deviation of both guides in unconstrained space.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        ...     with pyro.plate("groups", len(y), subsample_size=4) as idx:
+        ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=y[idx])
+        >>> guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+        >>> sample = guide(torch.randn(100))
+        >>> sample["mu"].shape, sample["theta"].shape
+        (torch.Size([]), torch.Size([4]))
+        >>> loss = pyro.infer.Trace_ELBO().loss(model, guide, torch.randn(100))
+
+    References:
+        | Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
+        | https://arxiv.org/abs/1505.05770
+        | Amortized Inference in Hierarchical Models (Agrawal & Domke, 2021)
+        | https://arxiv.org/abs/2111.13720
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        *,
+        local_plate: str | None = None,
+        encoder: Callable[..., Tensor] | None = None,
+        flow: str | Callable[..., Transform] = "iaf",
+        num_flows: int = 4,
+        base: str = "diagonal",
+        local_flow: str = "planar",
+        num_local_flows: int = 4,
+        hidden_dims: Sequence[int] = (64, 64),
+        condition_on_globals: bool = True,
+        init_loc_fn: Callable[[dict], Tensor] = init_to_median,
+        init_scale: float = 0.1,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable; got {type(model).__name__}")
+        if local_plate is not None and not isinstance(local_plate, str):
+            raise TypeError(f"local_plate must be a plate name (str) or None; got {local_plate!r}")
+        _check_encoder(encoder)
+        if local_flow != "none" and local_flow not in CONDITIONAL_FLOWS:
+            choices = ["none", *sorted(CONDITIONAL_FLOWS)]
+            raise ValueError(f"local_flow must be one of {choices}; got {local_flow!r}")
+        if not callable(init_loc_fn):
+            raise TypeError(f"init_loc_fn must be callable; got {init_loc_fn!r}")
+        self._global_kwargs = dict(
+            flow=flow, num_flows=num_flows, base=base, init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+        )  # fmt: skip
+        AutoFlowGuide(lambda: None, **self._global_kwargs)  # validates them now
+        self.local_plate = local_plate
+        self.local_flow = local_flow
+        self.num_local_flows = check_positive_int("num_local_flows", num_local_flows)
+        self.hidden_dims = _check_hidden_dims(hidden_dims)
+        self.condition_on_globals = bool(condition_on_globals)
+        self.init_loc_fn = init_loc_fn
+        self._init_scale = _check_init_scale(init_scale)
+        super().__init__(model)
+        self._encoder = encoder
+        if isinstance(encoder, nn.Module):
+            self.encoder = encoder  # registered: trained and saved with the guide
+
+    # ------------------------------------------------------------------ setup
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._setup_prototype(*args, **kwargs)
+            model = InitMessenger(self.init_loc_fn)(self.model)
+            trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+            self._split_sites(trace)
+            self._build_global_guide(*args, **kwargs)
+            self._build_local(trace, args, kwargs)
+        except Exception:
+            self.prototype_trace = None  # a later call runs the whole setup again
+            raise
+
+    def _split_sites(self, trace: poutine.Trace) -> None:
+        """Find the local plate; sort latent sites into globals and locals (with checks)."""
+        plate = self._choose_plate(trace)
+        self._globals, self._locals, self._observed = [], [], []
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            frame = _plate_frame(site, plate)
+            if site["is_observed"]:
+                if frame is not None:
+                    self._observed.append(name)
+                continue
+            self._check_site(name, site, plate, frame)
+            if frame is None:
+                self._globals.append(name)
+            else:
+                self._locals.append(_LocalSite(name, site, frame))
+        if not self._locals:
+            raise ValueError(
+                f"local_plate {plate!r} holds no latent sample site: nothing to amortize; "
+                "use pyroflows.AutoFlowGuide for a model without local latent variables"
+            )
+        if not self._observed and self._encoder is None:
+            raise ValueError(
+                f"local_plate {plate!r} holds no observed site, so the default encoder has no "
+                "data to encode; pass encoder=lambda indices, *args, **kwargs: <(B, C) tensor "
+                "of each member's data>"
+            )
+        self.local_plate = plate
+        self._frame = _plate_frame(trace.nodes[self._locals[0].name], plate)
+
+    def _choose_plate(self, trace: poutine.Trace) -> str:
+        latent = [s for _, s in trace.iter_stochastic_nodes()]
+        frames = {f.name: f for s in latent for f in s["cond_indep_stack"] if f.vectorized}
+        if self.local_plate is not None:
+            if self.local_plate not in frames:
+                raise ValueError(
+                    f"local_plate {self.local_plate!r} is not a plate holding latent sites "
+                    f"of the model; plates with latent sites: {sorted(frames)}"
+                )
+            return self.local_plate
+        candidates = sorted(n for n, f in frames.items() if _subsampled(f)) or sorted(frames)
+        if len(candidates) != 1:
+            raise ValueError(
+                f"cannot tell which plate is local among {candidates}; pass local_plate= "
+                "with the name of the plate whose latent sites are to be amortized"
+            )
+        return candidates[0]
+
+    def _check_site(self, name: str, site: Message, plate: str, frame: Any) -> None:
+        if site["fn"].support.is_discrete:
+            where = "local" if frame is not None else "global"
+            raise ValueError(
+                f"AutoAmortizedFlowGuide cannot handle the discrete {where} latent site "
+                f"{name!r} ({type(site['fn']).__name__}); enumerate it out of the model "
+                "(config_enumerate with TraceEnum_ELBO) or hide it with poutine.block and "
+                "give it its own guide in an AutoGuideList"
+            )
+        for other in site["cond_indep_stack"]:
+            if other.name != plate and _subsampled(other):
+                raise ValueError(
+                    f"latent site {name!r} is in the subsampled plate {other.name!r} (size "
+                    f"{other.size} of {other.full_size}), but only local_plate {plate!r} may "
+                    "be subsampled: drop subsample_size from the other plate, or choose it as "
+                    "local_plate if it is the one to amortize"
+                )
+
+    def _build_global_guide(self, *args: Any, **kwargs: Any) -> None:
+        self.global_guide = None
+        if self._globals:
+            blocked = poutine.block(self.model, expose=list(self._globals))
+            self.global_guide = AutoFlowGuide(blocked, **self._global_kwargs)
+            self.global_guide._setup_prototype(*args, **kwargs)
+
+    def _build_local(self, trace: poutine.Trace, args: tuple, kwargs: dict) -> None:
+        """Context standardisation, the conditional flow and its initialisation."""
+        value = self._locals[0].site["value"]
+        indices = trace.nodes[self.local_plate]["value"]
+        features = self._features(
+            {n: trace.nodes[n] for n in self._observed}, indices, args, kwargs
+        )
+        features = features.to(value)
+        mean = features.mean(0)
+        sd = features.std(0, unbiased=False) if len(features) > 1 else torch.ones_like(mean)
+        self.register_buffer("feature_loc", mean)
+        self.register_buffer("feature_scale", torch.where(sd > 0, sd, torch.ones_like(sd)))
+        use_globals = self.condition_on_globals and self.global_guide is not None
+        num_globals = self.global_guide.latent_dim if use_globals else 0
+        net = _SkipMLP(features.shape[-1] + num_globals, self.hidden_dims)
+        latent_dim = sum(s.size for s in self._locals)
+        local = FlowEncoder(
+            net, net.out_dim, latent_dim, self.local_flow, self.num_local_flows, None, _MIN_SCALE
+        )
+        with torch.no_grad():
+            local.loc.weight.mul_(1e-2)
+            local.loc.bias.copy_(torch.cat([s.init for s in self._locals]))
+            local.scale.weight.mul_(1e-2)
+            local.scale.bias.fill_(_softplus_inv(self._init_scale - _MIN_SCALE))
+        self.local = local.to(device=value.device, dtype=value.dtype)
+
+    def _check_prototype(self, part_trace: poutine.Trace) -> None:
+        """Called by the global guide's setup (Pyro's master-guide protocol)."""
+        for name, _ in part_trace.iter_stochastic_nodes():
+            if name not in self.prototype_trace.nodes:
+                raise RuntimeError(f"global guide site {name!r} is not a site of the model")
+
+    # ------------------------------------------------------------------ per call
+    def _features(
+        self, observed: dict[str, Message], indices: Tensor, args: tuple, kwargs: dict
+    ) -> Tensor:
+        """Each member's encoder input ``(B, C)``: the user's encoder, else its observed data."""
+        if self._encoder is not None:
+            out = self._encoder(indices, *args, **kwargs)
+            if not isinstance(out, Tensor) or out.dim() != 2 or len(out) != len(indices):
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"encoder(indices, *args, **kwargs) must return a ({len(indices)}, C) "
+                    f"tensor for {len(indices)} indices; got {shape}"
+                )
+            return out
+        parts = []
+        for name in self._observed:
+            site = observed[name]
+            fn, frame = site["fn"], _plate_frame(site, self.local_plate)
+            value = torch.as_tensor(site["value"])
+            value = value.expand(torch.broadcast_shapes(value.shape, fn.shape()))
+            parts.append(_to_members(value, frame.dim - fn.event_dim))
+        dtype = (
+            self.feature_loc.dtype if hasattr(self, "feature_loc") else torch.get_default_dtype()
+        )
+        return torch.cat([p.to(dtype) for p in parts], dim=-1)
+
+    def _discover(
+        self, indices: Tensor | None, args: tuple, kwargs: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Run the model (blocked) to the plate's observed sites: indices and features."""
+        observed = [] if self._encoder is not None else self._observed
+        found = _Discover(self.local_plate, observed, indices)
+        with poutine.block(), pyro.validation_enabled(False), torch.no_grad():
+            try:
+                found(self.model)(*args, **kwargs)
+            except _Found:
+                pass
+        if found.missing:
+            raise RuntimeError(
+                f"the model did not reach {sorted(found.missing)} when called by the guide; "
+                "AutoAmortizedFlowGuide needs the same plate and observed sites on every call"
+            )
+        indices = found.sites.pop(self.local_plate)["value"]
+        return indices, self._features(found.sites, indices, args, kwargs)
+
+    def _make_plates(self, indices: Tensor) -> dict[str, pyro.plate]:
+        plates = {}
+        for name, frame in sorted(self._prototype_frames.items()):
+            if name == self.local_plate:
+                plates[name] = pyro.plate(name, frame.full_size, dim=frame.dim, subsample=indices)
+            else:
+                full_size = frame.full_size or frame.size
+                plates[name] = pyro.plate(
+                    name, full_size, dim=frame.dim, subsample_size=frame.size
+                )
+        return plates
+
+    def _context(self, features: Tensor, globals_: dict[str, Tensor]) -> Tensor:
+        """``(B, C [+ G])``: standardised features and, if asked, the unconstrained globals."""
+        context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
+        if not self.condition_on_globals or self.global_guide is None:
+            return context
+        parts = [
+            biject_to(site["fn"].support).inv(globals_[name]).reshape(-1)
+            for name, site in self.global_guide.prototype_trace.iter_stochastic_nodes()
+        ]
+        theta = torch.cat(parts).expand(len(context), -1)  # (B, G)
+        return torch.cat([context, theta], dim=-1)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Sample the global sites, then the local sites of the model's current subsample.
+
+        Returns:
+            A dict mapping each latent site name to its sampled (constrained) value.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        indices, features = self._discover(None, args, kwargs)
+        self.plates = self._make_plates(indices)
+        replayed = self.plates[self.local_plate].indices  # differs under an outer replay
+        if replayed is not indices and not torch.equal(replayed, indices):
+            indices, features = self._discover(replayed, args, kwargs)
+        result = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
+        posterior = self.local(self._context(features, result))  # batch (B,), event (D,)
+        latent = posterior.rsample()  # (B, D)
+        result.update(self._sample_locals(latent, posterior.log_prob(latent)))
+        return result
+
+    def _sample_locals(self, latent: Tensor, log_q: Tensor) -> dict[str, Tensor]:
+        """Record the packed local latent (auxiliary, scored by ``log_q``) and each site."""
+        ones = (1,) * (-self._frame.dim - 1)  # put the members at the plate's dim
+        aux = dist.Delta(
+            latent.reshape(latent.shape[:1] + ones + latent.shape[1:]),
+            log_density=log_q.reshape(log_q.shape + ones),
+            event_dim=1,
+        )
+        with self.plates[self.local_plate]:
+            pyro.sample(f"_{self._pyro_name}_local_latent", aux, infer={"is_auxiliary": True})
+        result, pos = {}, 0
+        for local in self._locals:
+            with ExitStack() as stack:
+                for frame in local.site["cond_indep_stack"]:
+                    stack.enter_context(self.plates[frame.name])
+                delta = local.delta(latent[:, pos : pos + local.size])
+                result[local.name] = pyro.sample(local.name, delta)
+            pos += local.size
+        return result
+
+    # ------------------------------------------------------------------ summaries
+    def _ensure_prototype(self, *args: Any, **kwargs: Any) -> None:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+
+    @torch.no_grad()
+    def sample_posterior(
+        self, *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """Draw ``num_samples`` joint samples of the globals and of the current subsample's
+        locals (all members when the plate is not subsampled), vectorized over samples.
+
+        Returns:
+            A dict mapping each latent site name to a tensor ``(num_samples, *site_shape)``,
+            local sites with the subsample's members in the plate dimension.
+        """
+        check_positive_int("num_samples", num_samples)
+        self._ensure_prototype(*args, **kwargs)
+        _, features = self._discover(None, args, kwargs)
+        context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
+        context = context.expand(num_samples, -1, -1)  # (S, B, C)
+        out: dict[str, Tensor] = {}
+        if self.global_guide is not None:
+            theta = self.global_guide.get_posterior().sample((num_samples,))  # (S, G)
+            out.update(self.global_guide._constrain(theta))
+            if self.condition_on_globals:
+                theta = theta[:, None, :].expand(-1, context.shape[1], -1)
+                context = torch.cat([context, theta], dim=-1)
+        latent = self.local(context).sample()  # (S, B, D)
+        pos = 0
+        for local in self._locals:
+            value = _from_members(latent[..., pos : pos + local.size], local.rest, local.dim)
+            out[local.name] = local.transform(value)
+            pos += local.size
+        return out
+
+    @torch.no_grad()
+    def median(
+        self, *args: Any, num_samples: int | None = None, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """Posterior median of every global site (:meth:`pyroflows.AutoFlowGuide.median`)."""
+        self._ensure_prototype(*args, **kwargs)
+        if self.global_guide is None:
+            return {}
+        return self.global_guide.median(*args, num_samples=num_samples, **kwargs)
+
+    @torch.no_grad()
+    def quantiles(
+        self,
+        quantiles: Sequence[float] | Tensor,
+        *args: Any,
+        num_samples: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """Posterior quantiles of every global site (:meth:`pyroflows.AutoFlowGuide.quantiles`).
+
+        Returns:
+            A dict mapping each global site name to a tensor ``(len(quantiles), *site_shape)``.
+        """
+        self._ensure_prototype(*args, **kwargs)
+        if self.global_guide is None:
+            return {}
+        return self.global_guide.quantiles(quantiles, *args, num_samples=num_samples, **kwargs)
