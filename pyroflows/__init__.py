@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pyroflows import datasets, transforms
+from pyroflows.amortized import AutoAmortizedFlowGuide
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
 from pyroflows import objectives
@@ -15,6 +16,7 @@ from pyroflows.vae import VAE, FlowEncoder
 from pyroflows.vi import VI
 
 __all__ = [
+    "AutoAmortizedFlowGuide",
     "AutoFlowGuide",
     "CONDITIONAL_FLOWS",
     "FLOWS",
