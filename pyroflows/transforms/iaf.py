@@ -16,7 +16,13 @@ from torch.nn import functional as F
 
 from pyroflows._utils import check_context, check_hidden_dims, check_positive_int
 from pyroflows.transforms._base import FlowModule, ParamFlow
-from pyroflows.transforms.made import MADE, MadeLayers, made_forward, solve_autoregressive
+from pyroflows.transforms.made import (
+    MADE,
+    MadeLayers,
+    default_hidden_dim,
+    made_forward,
+    solve_autoregressive,
+)
 
 SCALE_MIN = 1e-3
 """Floor of every IAF scale σ: bounds the inverse's amplification and keeps log σ finite."""
@@ -113,8 +119,10 @@ class IAF(FlowModule):
 
     Args:
         input_dim: Dimension D of the event.
-        hidden_dims: MADE hidden widths; ``None`` gives Pyro's ``[3D + 1]``, ``[]`` a
-            linear autoregressive map.
+        hidden_dims: MADE hidden widths; ``None`` gives ``[3 min(D, 100) + 1]``
+            (:func:`~pyroflows.transforms.made.default_hidden_dim`: Pyro's ``[3D + 1]`` up to
+            D = 100, then held at 301 so the size grows linearly in D), ``[]`` a linear
+            autoregressive map.
         gated: Use the gated update instead of the affine one.
         forget_bias: :math:`b` of the gated update (the paper uses +1 or +2).
         permutation: Autoregressive order of the MADE; ``None`` is ``0, ..., D-1``.
@@ -144,7 +152,7 @@ class IAF(FlowModule):
     ) -> None:
         super().__init__(cache_size=1)
         self.input_dim = check_positive_int("input_dim", input_dim)
-        hidden = check_hidden_dims(hidden_dims, [3 * input_dim + 1])
+        hidden = check_hidden_dims(hidden_dims, [default_hidden_dim(input_dim)])
         self.gated, self.forget_bias = _check_gate(gated, forget_bias)
         self.starts_at_identity = not gated  # the gated update starts as a contraction
         self.made = MADE(input_dim, hidden, 2, 0, permutation)

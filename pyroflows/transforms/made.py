@@ -37,6 +37,43 @@ def check_permutation(permutation: Sequence[int] | Tensor | None, input_dim: int
     return perm.long().cpu()
 
 
+#: Hidden units per variable of the default MADE width (Pyro's ``[3D + 1]``) ...
+HIDDEN_PER_VARIABLE = 3
+#: ... up to this many variables; beyond it the width stays at ``3 * 100 + 1 = 301``.
+FULL_WIDTH_UP_TO = 100
+
+
+def default_hidden_dim(input_dim: int) -> int:
+    r"""Default hidden width of an :class:`~pyroflows.transforms.IAF`'s MADE:
+    :math:`H = 3\min(D, 100) + 1`.
+
+    Pyro's ``affine_autoregressive`` (and so ``AutoIAFNormal``) uses ``[3D + 1]``: its
+    :math:`3D(3D + 1)` weights grow quadratically (225M per layer at D = 5,000, 3.6G at
+    D = 20,000). zuko's ``MAF`` uses ``hidden_features=(64, 64)`` and TensorFlow
+    Probability's MADE template ``(512, 512)`` whatever D. This keeps Pyro's width, so
+    every result for D ≤ 100 is unchanged, and holds it at 301 above: the MADE then has
+    :math:`3DH` weights, linear in D (4.5M per layer at D = 5,000).
+
+    What a narrower layer loses: hidden degrees are spread evenly over 1..D-1
+    (:func:`made_masks`), so with :math:`H \ge D - 1` (here up to D = 302) every degree has a
+    unit and output :math:`i` sees all its predecessors. With :math:`H < D - 1` the units
+    sit :math:`g = (D - 1)/H` degrees apart and an output of degree :math:`d` sees the inputs
+    up to the largest hidden degree below :math:`d`: it loses at most
+    :math:`\lceil g \rceil - 1` of its nearest predecessors (16 at D = 5,000, 66 at
+    D = 20,000; 0.3% of the pairs), never gains a successor, so the Jacobian stays
+    triangular and the log-det exact. Stacked layers alternate the order
+    (:func:`~pyroflows.transforms.iaf_stack`, ``AutoFlowGuide``), so the composed flow still
+    couples every pair of coordinates. Pass ``hidden_dims`` explicitly for full
+    connectivity (``[D - 1]`` at least) when memory allows.
+
+    Example:
+        >>> [default_hidden_dim(d) for d in (2, 100, 101, 5000)]
+        [7, 301, 301, 301]
+    """
+    d = check_positive_int("input_dim", input_dim)
+    return HIDDEN_PER_VARIABLE * min(d, FULL_WIDTH_UP_TO) + 1
+
+
 def made_masks(
     permutation: Tensor, hidden_dims: Sequence[int], num_params: int, conditional: bool
 ) -> list[Tensor]:
