@@ -365,7 +365,9 @@ class Objective(_PyroELBO):
 
 
 def _guess_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    with poutine.block(), torch.no_grad():
+    """Deepest vectorised plate of one model/guide trace (without consuming random numbers)."""
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices), poutine.block(), torch.no_grad():
         model_trace, guide_trace = _traces(model, guide, args, kwargs)
     dims = [-d for tr in (model_trace, guide_trace) for d in _vectorized_dims(tr)]
     return max(dims, default=0)
@@ -461,7 +463,7 @@ class DReG(Objective):
         surrogate = (weights**2 * path).sum()
         if w.log_p_fixed is not None:
             surrogate = surrogate + ((weights - weights**2) * w.log_p_fixed).sum()
-        return value, value + (surrogate - surrogate.detach())
+        return value, value.detach() + (surrogate - surrogate.detach())
 
 
 OBJECTIVES: dict[str, type[Objective]] = {c.name: c for c in (ELBO, STL, IWAE, DReG)}
