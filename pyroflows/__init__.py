@@ -4,11 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pyroflows import datasets, transforms
+from pyroflows import datasets, objectives, transforms
 from pyroflows.amortized import AutoAmortizedFlowGuide
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
-from pyroflows import objectives
 from pyroflows.objectives import log_likelihood
 from pyroflows.train import Trainer, evaluate
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
@@ -29,6 +28,7 @@ __all__ = [
     "datasets",
     "evaluate",
     "log_likelihood",
+    "objectives",
     "psis",
     "to_inference_data",
     "transforms",
