@@ -175,9 +175,41 @@ def householder_product(v: Tensor) -> Tensor:
 
 
 def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
-    """The identity, or the reversal permutation if ``permute``, in ``like``'s dtype/device."""
-    eye = torch.eye(input_dim, dtype=like.dtype, device=like.device)
-    return eye.flip(-1) if permute else eye
+    r"""T-SNF's Q as an index ``perm`` (``(D,)``, int64, on ``like``'s device): the identity
+    ``0, ..., D-1``, or the reversal if ``permute``.
+
+    Q is the permutation matrix :math:`I[:, \text{perm}]`, so :math:`Q^\top x` =
+    ``x[..., perm]`` and, as both choices are their own inverse, :math:`Q v` =
+    ``v[..., perm]``: the flow gathers instead of multiplying by a dense D×D matrix (the
+    products cost O(D²) per point and 9 s per layer at D = 4,000). :func:`dense_q` gives the
+    matrix.
+    """
+    return _perm_index(input_dim, permute, like.device)
+
+
+@cached_constant
+def _perm_index(input_dim: int, permute: bool, device: torch.device) -> Tensor:
+    index = torch.arange(input_dim, device=device)
+    return index.flip(0) if permute else index
+
+
+def is_index_q(q: Tensor) -> bool:
+    """Whether ``q`` is a T-SNF permutation index (:func:`permutation_q`), not a matrix."""
+    return not q.is_floating_point()
+
+
+def dense_q(q: Tensor, like: Tensor) -> Tensor:
+    """Q as a ``(*batch, D, M)`` matrix in ``like``'s dtype, also for a permutation index.
+
+    Example:
+        >>> dense_q(permutation_q(3, True, torch.zeros(1)), torch.zeros(1))
+        tensor([[0., 0., 1.],
+                [0., 1., 0.],
+                [1., 0., 0.]])
+    """
+    if not is_index_q(q):
+        return q
+    return torch.eye(q.numel(), dtype=like.dtype, device=like.device)[:, q]
 
 
 @cached_constant

@@ -20,7 +20,12 @@ from pyroflows._utils import (
     split_params,
 )
 from pyroflows.transforms._base import FlowModule, ParamFlow
-from pyroflows.transforms._sylvester_q import QSpec, make_q_spec, upper_triangular_pair
+from pyroflows.transforms._sylvester_q import (
+    QSpec,
+    is_index_q,
+    make_q_spec,
+    upper_triangular_pair,
+)
 
 
 def _diag_terms(r_diag: Tensor, rt_diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,29 +81,51 @@ def _rowmv(x: Tensor, a: Tensor) -> Tensor:
     return (x.unsqueeze(-2) @ a).squeeze(-2)
 
 
+def _qt(x: Tensor, q: Tensor) -> Tensor:
+    """Qᵀx: (*batch, D) -> (*, M); a T-SNF permutation index gathers (no D×D product)."""
+    return x.index_select(-1, q) if is_index_q(q) else _rowmv(x, q)
+
+
+def _qv(v: Tensor, q: Tensor) -> Tensor:
+    """Qv: (*, M) -> (*, D); a T-SNF index is its own inverse (identity or reversal)."""
+    return v.index_select(-1, q) if is_index_q(q) else _rowmv(v, q.mT)
+
+
+def _sylvester_unbatched(
+    x: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(y, tanh(s))`` of :func:`_sylvester` for one set of parameters: matrix products
+    over the flattened batch (a permutation index Q gathers before and after them)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a view costs ~7 us)
+    if is_index_q(q):
+        x2q = x2.index_select(-1, q)  # Qᵀx
+        a = torch.tanh(torch.addmm(b, x2q, rt.mT))  # (n, M)
+        y = torch.addmm(x2q, a, r.mT).index_select(-1, q)  # Q(Qᵀx + R a)
+    else:
+        a = torch.tanh(torch.addmm(b, x2, q @ rt.mT))  # (n, M)
+        y = torch.addmm(x2, a, (q @ r).mT)
+    return (y if x.dim() == 2 else y.reshape(x.shape)), a
+
+
 def _sylvester(
     x: Tensor, q: Tensor, r: Tensor, rt: Tensor, b: Tensor, one_plus_c: Tensor, c: Tensor
 ) -> tuple[Tensor, Tensor]:
     """y = x + Q R tanh(s), s = R̃ Qᵀx + b, and log|det J| = Σᵢ log(1 + tanh'(sᵢ) cᵢ).
 
-    Shapes: x (*batch, D), q (*p, D, M), r and rt (*p, M, M), b, one_plus_c and c (*p, M),
-    with cᵢ = rᵢᵢ r̃ᵢᵢ and ``one_plus_c`` = 1 + cᵢ taken from its exact logarithm
-    (:func:`sylvester_r`), floored at the smallest normal number. Each log-det term is
-    log((1 + cᵢ) − tanh²(sᵢ) cᵢ), a convex combination of 1 and 1 + cᵢ, so it stays finite
-    and accurate as cᵢ → −1. Unbatched parameters are folded into two D×M matrices first,
-    so the batch costs two matrix products instead of four.
+    Shapes: x (*batch, D), q (*p, D, M) or a T-SNF permutation index (D,) (then Qᵀx and Qv
+    are gathers, :func:`~pyroflows.transforms._sylvester_q.permutation_q`), r and rt
+    (*p, M, M), b, one_plus_c and c (*p, M), with cᵢ = rᵢᵢ r̃ᵢᵢ and ``one_plus_c`` = 1 + cᵢ
+    taken from its exact logarithm (:func:`sylvester_r`), floored at the smallest normal
+    number. Each log-det term is log((1 + cᵢ) − tanh²(sᵢ) cᵢ), a convex combination of 1 and
+    1 + cᵢ, so it stays finite and accurate as cᵢ → −1. Unbatched parameters are folded into
+    two D×M matrices first, so the batch costs two matrix products instead of four.
     """
-    if q.dim() == 2 and r.dim() == 2 and b.dim() == 1:
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a view costs ~7 us)
-        s = torch.addmm(b, x2, q @ rt.mT)  # (n, M)
-        a = torch.tanh(s)
-        y = torch.addmm(x2, a, (q @ r).mT)
-        y = y if x.dim() == 2 else y.reshape(x.shape)
+    if r.dim() == 2 and b.dim() == 1 and (q.dim() == 2 or is_index_q(q)):
+        y, a = _sylvester_unbatched(x, q, r, rt, b)
     else:
-        v = _rowmv(x, q)  # (*, M)
-        s = _rowmv(v, rt.mT) + b  # (*, M)
+        s = _rowmv(_qt(x, q), rt.mT) + b  # (*, M)
         a = torch.tanh(s)
-        y = x + _rowmv(_rowmv(a, r.mT), q.mT)  # (*, D)
+        y = x + _qv(_rowmv(a, r.mT), q)  # (*, D)
     ladj = torch.log(torch.addcmul(one_plus_c, a * a, c, value=-1)).sum(-1)
     return y, ladj if ladj.dim() == y.dim() - 1 else ladj.reshape(y.shape[:-1])
 
@@ -127,7 +154,7 @@ def _sylvester_inverse(
     triangular, so vᵢ depends only on v_{i+1:}: solve from the last component to the first,
     each a monotone scalar equation (vectorised over the batch).
     """
-    vp = _rowmv(y, q)  # (*, M)
+    vp = _qt(y, q)  # (*, M)
     shape = torch.broadcast_shapes(vp.shape, b.shape)
     acc_s = b.expand(shape)  # b + Σ_{k solved} R̃[:, k] v_k
     acc_r = vp.new_zeros(shape)  # Σ_{j solved} R[:, j] tanh(s_j)
@@ -139,7 +166,7 @@ def _sylvester_inverse(
         acc_r = acc_r + r[..., :, i] * torch.tanh(rt_ii * v_i + c).unsqueeze(-1)
         parts.append(v_i)
     v = torch.stack(parts[::-1], dim=-1)  # (*, M)
-    return y + _rowmv(v - vp, q.mT)
+    return y + _qv(v - vp, q)
 
 
 def _raw_dims(spec: QSpec) -> tuple[int, ...]:
@@ -182,7 +209,8 @@ class Sylvester(FlowModule):
     - ``"householder"`` (H-SNF): a product of ``num_householder`` reflections (default D;
       M = D);
     - ``"triangular"`` (T-SNF): the identity, or the reversal permutation if ``permute``
-      (M = D); alternate ``permute`` across stacked layers.
+      (M = D), applied as a gather, never as a D×D matrix; alternate ``permute`` across
+      stacked layers.
 
     Starts at the identity (:math:`R = 0`).
 
