@@ -116,6 +116,11 @@ class IAF(FlowModule):
     Note:
         The inverse (scoring a point this flow did not sample) takes at most D sequential
         MADE passes; without autograd it stops as soon as the iterate stops changing.
+        Measured at D = 5,000 with the default width (2-core CPU, one point, float32): one
+        pass takes about 13 ms, so all D passes (always the case with autograd) take about
+        65 s per layer, 4.5 minutes for a four-layer guide; without autograd a freshly
+        initialised or slightly perturbed four-layer guide stopped after 23-40 passes in
+        all (``log_prob`` of a new point in 1.5-1.7 s, its full-rank base included).
 
     Args:
         input_dim: Dimension D of the event.
