@@ -401,7 +401,7 @@ class ELBO(Objective):
     name = "elbo"
 
     def estimate(self, w: LogWeights) -> tuple[Tensor, Tensor]:
-        value = w.log_w.sum() / w.log_w.shape[0]
+        value = w.log_w.mean(0).sum()
         return value, value
 
 
@@ -419,9 +419,9 @@ class STL(Objective):
     needs_log_q_fixed = True
 
     def estimate(self, w: LogWeights) -> tuple[Tensor, Tensor]:
-        value = w.log_w.sum() / w.log_w.shape[0]
+        value = w.log_w.mean(0).sum()
         score = w.log_q_fixed - w.log_q_fixed.detach()
-        return value, value + score.sum() / w.log_w.shape[0]
+        return value, value + score.mean(0).sum()
 
 
 class IWAE(Objective):

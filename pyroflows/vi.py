@@ -38,6 +38,7 @@ from pyroflows._potential import LogDensity, prototype_trace
 from pyroflows._utils import check_positive_int
 from pyroflows._vi_targets import Target, make_target
 from pyroflows.guides import AutoFlowGuide
+from pyroflows.objectives import LogWeights, Objective, get_objective
 
 __all__ = [
     "VI",
@@ -188,13 +189,16 @@ def _draw_log_weights(
 
 
 # ---------------------------------------------------------------- optimisation
-def _loss_fn(target: Target, log_density: LogDensity, particles: int) -> Callable[[], Tensor]:
-    """The negative ``particles``-sample reparameterised ELBO of ``target``."""
+def _loss_fn(
+    target: Target, log_density: LogDensity, particles: int, objective: Objective
+) -> Callable[[], Tensor]:
+    """The negative ``particles``-sample surrogate of ``objective`` for ``target``."""
 
     def loss() -> Tensor:
         q = target.posterior()
         z = q.rsample((particles,))
-        return (q.log_prob(z) - log_density(z)).mean()
+        fixed = q.log_prob(z.detach()) if objective.needs_log_q_fixed else None
+        return -objective.estimate(LogWeights(log_density(z), q.log_prob(z), fixed))[1]
 
     return loss
 
@@ -369,7 +373,13 @@ class VI:
         model: A Pyro model with continuous latent sites.
         guide: An autoguide for ``model``; default :func:`default_guide`
             (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``).
-        num_particles: Draws per ELBO gradient estimate.
+        num_particles: Draws per gradient estimate.
+        loss: The objective: ``"elbo"`` (the default), ``"stl"`` (sticking the landing),
+            ``"iwae"`` or ``"dreg"`` (the importance-weighted bound with ``num_particles``
+            draws), or an :class:`~pyroflows.objectives.Objective` (its class is used;
+            the draws are ``num_particles``). See :mod:`pyroflows.objectives` for what
+            each costs. The pilots, stopping rule and report are the same for every
+            objective; the pilots and the choice of final state compare ELBO estimates.
         max_steps: Adam step budget per restart, pilots included.
         num_restarts: Independent fits (different seeds; the r-th uses the r-th best
             distinct mode found); the best by :func:`select_fit` is kept.
@@ -420,6 +430,7 @@ class VI:
         guide: Any = None,
         *,
         num_particles: int = 8,
+        loss: str | Objective = "elbo",
         max_steps: int = 10_000,
         num_restarts: int = 1,
         step_sizes: Sequence[float] = (0.1, 0.03, 0.01, 0.003),
@@ -445,6 +456,7 @@ class VI:
             )
         self.model, self.guide = model, guide
         self.num_particles = check_positive_int("num_particles", num_particles)
+        self.objective = get_objective(loss)
         self.max_steps = check_positive_int("max_steps", max_steps)
         self.num_restarts = check_positive_int("num_restarts", num_restarts)
         self.step_sizes = _check_step_sizes(step_sizes)
@@ -525,7 +537,7 @@ class VI:
                 return -math.inf
             return float(log_w[finite].mean())
 
-        loss_fn = _loss_fn(target, ld, self.num_particles)
+        loss_fn = _loss_fn(target, ld, self.num_particles, self.objective)
         run, initial = _Run(), target.state()
         with _progress(self, restart) as bar:
             # the pilots take at most half of the step budget
@@ -689,6 +701,7 @@ class VI:
         r = fit.report
         return dict(
             converged=fit.converged,
+            objective=self.objective.name,
             khat=r.khat,
             khat_band=r.band,
             ess=r.ess,
