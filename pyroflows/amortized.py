@@ -58,8 +58,13 @@ class _Discover(Messenger):
         self.sites: dict[str, Message] = {}
 
     def _pyro_sample(self, msg: Message) -> None:
-        if msg["name"] == self.plate and site_is_subsample(msg) and self.indices is not None:
+        if msg["name"] != self.plate or not site_is_subsample(msg) or msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        if self.indices is not None:
             msg["value"] = self.indices
+        elif fn.subsample_size is not None and fn.subsample_size < fn.size:
+            msg["value"] = _random_subset(fn.size, fn.subsample_size, fn.device)
 
     def _pyro_post_sample(self, msg: Message) -> None:
         name = msg["name"]
@@ -68,6 +73,24 @@ class _Discover(Messenger):
             self.missing.discard(name)
             if not self.missing:
                 raise _Found
+
+
+def _random_subset(size: int, subsample_size: int, device: torch.device | str) -> Tensor:
+    """A uniformly random ``subsample_size``-subset of ``range(size)`` in O(subsample_size).
+
+    The distribution of Pyro's ``torch.randperm(size)[:subsample_size]``, without its O(size)
+    cost per step: the distinct values of a few more than ``subsample_size`` uniform draws are
+    a uniformly random subset (of random size, by symmetry), and a random ``subsample_size``
+    of them is a uniformly random ``subsample_size``-subset. Small plates use ``randperm``.
+    """
+    if size <= 32 * subsample_size:
+        return torch.randperm(size, device=device)[:subsample_size]
+    extra = 16 + 2 * subsample_size**2 // size  # > twice the expected number of collisions
+    while True:
+        distinct = torch.randint(size, (subsample_size + extra,), device=device).unique()
+        if len(distinct) >= subsample_size:
+            pick = torch.randperm(len(distinct), device=device)[:subsample_size]
+            return distinct[pick]
 
 
 class _SkipMLP(nn.Module):
@@ -178,7 +201,9 @@ class AutoAmortizedFlowGuide(AutoGuide):
     stopping once the plate's observed sites are seen) to learn which members the plate
     ``pyro.plate(name, N, subsample_size=B)`` or ``pyro.plate(name, N, subsample=idx)``
     selects, and enters a plate with those indices, so the model replays them and the plate's
-    ``N / B`` scaling gives an unbiased ELBO. Works with :class:`~pyro.infer.SVI`,
+    ``N / B`` scaling gives an unbiased ELBO. A random subsample is drawn in O(B) time (a
+    uniformly random B-subset, as Pyro's ``randperm(N)[:B]`` but without its O(N) cost), so
+    a step costs the same for any N. Works with :class:`~pyro.infer.SVI`,
     :class:`~pyro.infer.Predictive` and ``state_dict``; :meth:`median` and :meth:`quantiles`
     return the global sites.
 
@@ -226,8 +251,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
     References:
         | Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
         | https://arxiv.org/abs/1505.05770
-        | Amortized Inference in Hierarchical Models (Agrawal & Domke, 2021)
-        | https://arxiv.org/abs/2111.13720
+        | Amortized Variational Inference for Simple Hierarchical Models
+        | (Agrawal & Domke, 2021) https://arxiv.org/abs/2111.03144
     """
 
     def __init__(

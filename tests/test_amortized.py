@@ -311,3 +311,18 @@ def test_amortized_matches_full_flow_guide_on_20_groups():
     amortized, flow, normal = results["amortized"], results["flow"], results["normal"]
     assert amortized[0] <= flow[0] + 0.1 and amortized[1] <= flow[1] + 0.1, results
     assert max(amortized) < max(normal) and max(flow) < max(normal), results
+
+
+def test_random_subset_is_a_uniform_subset():
+    from pyroflows.amortized import _random_subset
+
+    for size, k in [(100_000, 256), (50, 7), (10_000, 100)]:
+        idx = _random_subset(size, k, "cpu")
+        assert idx.shape == (k,) and idx.unique().numel() == k
+        assert 0 <= int(idx.min()) and int(idx.max()) < size
+    counts = torch.zeros(1000)
+    for _ in range(5000):  # the O(k) path (size > 32 k): every index equally likely
+        counts[_random_subset(1000, 10, "cpu")] += 1
+    expected = 5000 * 10 / 1000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())  # ~ chi2(999): sd 45
+    assert 999 - 4 * 45 < chi2 < 999 + 4 * 45
