@@ -118,7 +118,18 @@ class AutoFlowGuide(AutoContinuous):
 
     Parameters are created on the first call (or :meth:`median`, :meth:`quantiles`,
     :meth:`sample_posterior`), on the device and dtype of the model's tensors; ``guide.to``
-    moves all of them.
+    moves all of them. Before the first call there is nothing to move: ``guide.to("meta")``
+    then ``guide()`` creates them on the model's device, as for Pyro's ``AutoNormal``. After
+    it, a move that replaces the parameter objects (``"meta"``; a dtype change keeps them) is
+    undone on the next call for ``scale`` and ``scale_tril`` by Pyro's param store, as for
+    every ``AutoNormal`` parameter, but not for ``loc`` and the flows, and that call fails
+    (``tests/test_large_d.py``).
+
+    The default IAF layers keep Pyro's MADE width :math:`3D + 1` up to D = 100 and hold it at
+    301 above (:func:`~pyroflows.transforms.made.default_hidden_dim`), so their size grows
+    linearly in D; the full-rank base (``base="full"``, :class:`pyroflows.VI`'s default)
+    has :math:`D^2` parameters. Memory and step time at D = 1,000 to 20,000:
+    ``benchmarks/results/large_d.md``.
 
     Note:
         :meth:`median` and :meth:`quantiles` have no closed form and are estimated from
