@@ -26,6 +26,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from pyroflows.objectives import max_plate_nesting, sum_log_probs
+
 _DRAW_PLATE = "_pyroflows_draws"
 
 
@@ -77,18 +79,6 @@ def _layout(name: str, site: dict) -> Layout:
     return Layout(tuple(shape), dims, coords)
 
 
-def _max_plate_nesting(*traces: Trace) -> int:
-    dims = [
-        frame.dim
-        for tr in traces
-        for site in tr.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims, default=0)
-
-
 def _batched(value: Tensor, n: int, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """A value drawn under the batch plate as ``(n, *shape)``."""
     if value.numel() == n * math.prod(shape):
@@ -104,17 +94,7 @@ def _log_prob(trace: Trace) -> float:
 
 def _per_draw(trace: Trace, n: int, nesting: int) -> np.ndarray:
     """Sum every site's log-density down to the draw plate at dim ``-(nesting + 1)``."""
-    trace.compute_log_prob()
-    total = torch.zeros(n, dtype=torch.float64)
-    for site in trace.nodes.values():
-        if site["type"] != "sample":
-            continue
-        lp = site["log_prob"]
-        if lp.dim() > nesting + 1:
-            raise ValueError("a log-density has more batch dims than max_plate_nesting")
-        lp = lp.reshape(lp.shape[0], -1).sum(-1) if lp.dim() == nesting + 1 else lp.sum()
-        total = total + lp.double()
-    return total.cpu().numpy()
+    return sum_log_probs(trace, nesting, {}, n, dtype=torch.float64).cpu().numpy()
 
 
 class Sampler:
@@ -124,7 +104,7 @@ class Sampler:
         self.guide, self.model, self.args, self.kwargs = guide, model, args, kwargs
         with torch.no_grad():
             self.guide_proto, model_proto = _trace_pair(guide, model, args, kwargs)
-        self.nesting = _max_plate_nesting(self.guide_proto, model_proto)
+        self.nesting = max_plate_nesting(self.guide_proto, model_proto)
         self.sites = [
             name
             for name, site in model_proto.nodes.items()

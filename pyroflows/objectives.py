@@ -161,10 +161,18 @@ def reduce_to_particles(lp: Tensor, nesting: int, local: dict[int, int]) -> Tens
     return lp.reshape(lp.shape[0], *(local[d] for d in sorted(local)))
 
 
-def _total(trace: poutine.Trace, nesting: int, local: dict[int, int], k: int) -> Tensor:
+def sum_log_probs(
+    trace: poutine.Trace,
+    nesting: int,
+    local: dict[int, int],
+    k: int,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Every site's scaled, masked log-density summed down to ``(k, *local sizes)``
+    (the particle plate at dim ``-(nesting + 1)``), accumulated in ``dtype`` if given."""
     total = None
     for _, lp in site_log_probs(trace):
-        lp = reduce_to_particles(torch.as_tensor(lp), nesting, local)
+        lp = reduce_to_particles(torch.as_tensor(lp, dtype=dtype), nesting, local)
         total = lp if total is None else total + lp
     if total is None:
         raise ValueError("the trace has no sample sites to score")
@@ -211,18 +219,18 @@ def _one_pass(
     local = local_dims(model_trace, guide_trace)
     k = max(num_particles, 1)
     out = {
-        "log_p": _total(model_trace, nesting, local, k),
-        "log_q": _total(guide_trace, nesting, local, k),
+        "log_p": sum_log_probs(model_trace, nesting, local, k),
+        "log_q": sum_log_probs(guide_trace, nesting, local, k),
     }
     fixed_q, fixed_p = needs
     if fixed_q or fixed_p:
         detached = _detached(guide_trace)
     if fixed_q:
         replayed = poutine.trace(poutine.replay(guide, trace=detached)).get_trace(*args, **kwargs)
-        out["log_q_fixed"] = _total(replayed, nesting, local, k)
+        out["log_q_fixed"] = sum_log_probs(replayed, nesting, local, k)
     if fixed_p and _has_params(model_trace):
         replayed = poutine.trace(poutine.replay(model, trace=detached)).get_trace(*args, **kwargs)
-        out["log_p_fixed"] = _total(replayed, nesting, local, k)
+        out["log_p_fixed"] = sum_log_probs(replayed, nesting, local, k)
     return LogWeights(**out)
 
 
@@ -364,13 +372,17 @@ class Objective(_PyroELBO):
         return float(surrogate.detach())
 
 
+def max_plate_nesting(*traces: poutine.Trace) -> int:
+    """Number of vectorised plate dims the sample sites of ``traces`` use."""
+    return max((-d for tr in traces for d in _vectorized_dims(tr)), default=0)
+
+
 def _guess_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Deepest vectorised plate of one model/guide trace (without consuming random numbers)."""
     devices = list(range(torch.cuda.device_count()))
     with torch.random.fork_rng(devices=devices), poutine.block(), torch.no_grad():
         model_trace, guide_trace = _traces(model, guide, args, kwargs)
-    dims = [-d for tr in (model_trace, guide_trace) for d in _vectorized_dims(tr)]
-    return max(dims, default=0)
+    return max_plate_nesting(model_trace, guide_trace)
 
 
 def _iw_weights(log_w: Tensor) -> Tensor:
