@@ -40,6 +40,7 @@ from pyro.poutine.messenger import Messenger
 
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
+from pyroflows.objectives import max_plate_nesting, sum_log_probs
 from pyroflows.transforms import FLOWS
 from pyroflows.vi import VI
 
@@ -141,7 +142,12 @@ def load_posteriordb(path: Path):
 
 # ----------------------------------------------------------------------------- training
 def elbo_loss(model: Callable, guide: Callable, data: dict, particles: int) -> Callable:
-    """Negative K-particle ELBO: guide under a batch plate, model log p vmap-ed over draws."""
+    """Negative K-particle ELBO: guide under a batch plate, model log p vmap-ed over draws.
+
+    The guide's per-particle log q uses the library's helper
+    (:func:`pyroflows.objectives.sum_log_probs`); the model is ``vmap``-ed because the
+    posteriordb models are written for one draw and do not broadcast over a particle plate.
+    """
     guide_tr = poutine.trace(guide).get_trace(**data)
     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(**data)
     latents = {
@@ -149,17 +155,7 @@ def elbo_loss(model: Callable, guide: Callable, data: dict, particles: int) -> C
         for name, site in model_tr.nodes.items()
         if site["type"] == "sample" and not site["is_observed"]
     }
-    nesting = max(
-        [
-            -f.dim
-            for tr in (guide_tr, model_tr)
-            for s in tr.nodes.values()
-            if s["type"] == "sample"
-            for f in s["cond_indep_stack"]
-            if f.vectorized
-        ],
-        default=0,
-    )
+    nesting = max_plate_nesting(guide_tr, model_tr)
 
     def log_p(z: dict) -> torch.Tensor:
         return poutine.trace(poutine.condition(model, data=z)).get_trace(**data).log_prob_sum()
@@ -167,12 +163,7 @@ def elbo_loss(model: Callable, guide: Callable, data: dict, particles: int) -> C
     def loss() -> torch.Tensor:
         with pyro.plate("_particles", particles, dim=-nesting - 1):
             tr = poutine.trace(guide).get_trace(**data)
-        tr.compute_log_prob()
-        log_q = torch.zeros(particles, dtype=torch.float64)
-        for site in tr.nodes.values():
-            if site["type"] == "sample":
-                lp = site["log_prob"]
-                log_q = log_q + (lp.reshape(particles, -1).sum(-1) if lp.dim() else lp)
+        log_q = sum_log_probs(tr, nesting, {}, particles, dtype=torch.float64)
         z = {n: tr.nodes[n]["value"].reshape(particles, *shape) for n, shape in latents.items()}
         with pyro.validation_enabled(False):
             lp = torch.func.vmap(log_p)(z)
