@@ -237,6 +237,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
 
     Example:
         >>> import pyro, pyro.distributions as dist
+        >>> pyro.clear_param_store()
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         ...     with pyro.plate("groups", len(y), subsample_size=4) as idx:
@@ -560,6 +561,33 @@ class AutoAmortizedFlowGuide(AutoGuide):
             out[local.name] = local.transform(value)
             pos += local.size
         return out
+
+    @torch.no_grad()
+    def precondition_globals(self, num_samples: int = 4000) -> None:
+        r"""Restart the global guide as the Gaussian with its current moments, in whitened
+        coordinates.
+
+        Sets :meth:`pyroflows.AutoFlowGuide.precondition` to the mean :math:`c` and the
+        Cholesky factor :math:`L_0` of the covariance of ``num_samples`` draws of the global
+        guide (unconstrained) and resets its flows to the identity, so the guide becomes
+        :math:`N(c, L_0 L_0^\top)` and its learnable location and scale move in units of the
+        current posterior scale. With many groups the globals' posterior sd is tiny (here
+        ``O(1/sqrt(N))``) while an optimizer's steps are absolute, so a fit that calls this
+        after a first phase (then continues with a fresh optimizer) resolves the globals'
+        scale far better; see ``examples/amortized_hierarchical.py``.
+        """
+        check_positive_int("num_samples", num_samples)
+        if self.prototype_trace is None:
+            raise RuntimeError("call the guide once (or train it) before precondition_globals()")
+        if self.global_guide is None:
+            return
+        z = self.global_guide.get_posterior().sample((num_samples,))  # (S, G)
+        cov = torch.atleast_2d(torch.cov(z.T))
+        jitter = 1e-10 * cov.diagonal().mean() * torch.eye(len(cov)).to(cov)
+        for layer in self.global_guide.flows:  # the layers only: their own near-identity init
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        self.global_guide.precondition(z.mean(0), torch.linalg.cholesky(cov + jitter))
 
     @torch.no_grad()
     def median(

@@ -326,3 +326,20 @@ def test_random_subset_is_a_uniform_subset():
     expected = 5000 * 10 / 1000
     chi2 = float(((counts - expected) ** 2 / expected).sum())  # ~ chi2(999): sd 45
     assert 999 - 4 * 45 < chi2 < 999 + 4 * 45
+
+
+def test_precondition_globals_keeps_the_moments_and_whitens():
+    y = data(30)
+    guide = AutoAmortizedFlowGuide(normal_model, num_flows=2)
+    fit(normal_model, guide, (y, 8), 30, 0.02)
+    before = guide.global_guide.get_posterior().sample((20000,))
+    guide.precondition_globals(num_samples=20000)
+    after = guide.global_guide.get_posterior().sample((20000,))
+    assert guide.global_guide.preconditioned
+    torch.testing.assert_close(after.mean(0), before.mean(0), atol=0.05 * before.std(), rtol=0)
+    torch.testing.assert_close(after.std(0), before.std(0), rtol=0.05, atol=0)
+    assert float(guide.global_guide.loc.detach().abs().max()) == 0.0
+    loss = Trace_ELBO().differentiable_loss(normal_model, guide, y, 8)
+    assert torch.isfinite(loss)
+    with pytest.raises(RuntimeError, match="call the guide once"):
+        AutoAmortizedFlowGuide(normal_model).precondition_globals()
