@@ -65,7 +65,7 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
     ArviZ 0.x smooths ``log_ratios`` (``az.psislw``); ArviZ >= 1 (``arviz_stats``) expects
     log-likelihoods and negates them itself, so it is given ``-log_ratios``. Ratios equal up
     to rounding have no tail to fit (0.x returns k-hat = inf or a fit to rounding noise, 1.x
-    NaN); :func:`pyroflows.diagnostics.psis` handles them before calling this.
+    NaN); :func:`smooth_log_weights` handles them before calling this.
     """
     log_ratios = np.asarray(log_ratios, dtype=np.float64)
     az = arviz()
@@ -76,3 +76,22 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
 
         lw, khat = array_stats.psislw(-log_ratios, r_eff=1.0)
     return np.asarray(lw, dtype=np.float64), float(khat)
+
+
+KHAT_EXACT = -1.0  # Pareto shape of a bounded (uniform) tail, reported for equal ratios
+
+
+def smooth_log_weights(log_ratios: np.ndarray, tolerance: float) -> tuple[np.ndarray, float, bool]:
+    """PSIS of finite raw log ratios ``(S,)``: ``(normalised log weights, k-hat, exact)``.
+
+    The one convention for :func:`pyroflows.psis` and :class:`pyroflows.VI`: ratios whose
+    spread is at most ``tolerance`` (the guide is the posterior, up to rounding) are not
+    fitted; the weights are uniform, k-hat is :data:`KHAT_EXACT` (-1) and ``exact`` is True
+    on every ArviZ version.
+    """
+    log_ratios = np.asarray(log_ratios, dtype=np.float64)
+    n = log_ratios.size
+    if np.ptp(log_ratios) <= tolerance:
+        return np.full(n, -np.log(n)), KHAT_EXACT, True
+    lw, khat = psislw(log_ratios)
+    return lw - np.logaddexp.reduce(lw), khat, False

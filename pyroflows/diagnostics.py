@@ -18,7 +18,6 @@ ArviZ is imported lazily (it takes seconds), and every difference between ArviZ 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +253,7 @@ def psis(
     return _psis_from_data(data)
 
 
-_KHAT_EXACT = -1.0  # Pareto shape of a bounded (uniform) tail, reported for equal ratios
+_KHAT_EXACT = _arviz.KHAT_EXACT
 
 
 def _check_not_point_mass(data: Any) -> None:
@@ -294,12 +293,8 @@ def _psis_from_data(data: Any) -> PSISResult:
             "some importance log-weights are not finite; the guide puts mass "
             "where the model has none (check supports)"
         )
-    exact = bool(np.ptp(log_w) <= _rounding_tolerance(data, stats, log_w))
-    if exact:  # no tail to fit: ArviZ 0.x returns inf or a fit to rounding noise, 1.x NaN
-        lw, khat = np.full(n, -math.log(n)), _KHAT_EXACT
-    else:
-        lw, khat = _arviz.psislw(log_w)
-    w = np.exp(lw - np.logaddexp.reduce(lw))
+    lw, khat, exact = _arviz.smooth_log_weights(log_w, _rounding_tolerance(data, stats, log_w))
+    w = np.exp(lw)
     means, guide_means = {}, {}
     for name, v in _arviz.group_arrays(data, "posterior").items():
         flat = v.reshape(n, *v.shape[2:]).astype(np.float64)

@@ -32,7 +32,7 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor
 
-from pyroflows._arviz import psislw
+from pyroflows._arviz import smooth_log_weights
 from pyroflows._mode import Mode, find_mode, laplace_factor
 from pyroflows._potential import LogDensity, prototype_trace
 from pyroflows._utils import check_positive_int
@@ -166,11 +166,8 @@ def importance_report(log_w: Tensor) -> ImportanceReport:
     w = np.exp(lw - lw.max())
     log_z = float(np.log(w.mean()) + lw.max())
     log_z_se = float(w.std(ddof=1) / (math.sqrt(s) * w.mean()))
-    if np.ptp(lw) < 1e-9 * (1.0 + abs(elbo)):  # q is the posterior: every ratio is equal
-        return ImportanceReport(elbo, elbo_se, -math.inf, float(s), log_z, log_z_se, s, nonfinite)
-    smoothed, khat = psislw(lw)
-    ws = np.exp(smoothed - np.logaddexp.reduce(smoothed))
-    ess = float(1.0 / np.sum(ws**2))
+    smoothed, khat, _ = smooth_log_weights(lw, 1e-9 * (1.0 + abs(elbo)))
+    ess = float(1.0 / np.sum(np.exp(2 * smoothed)))
     return ImportanceReport(elbo, elbo_se, khat, ess, log_z, log_z_se, s, nonfinite)
 
 
@@ -667,7 +664,8 @@ class VI:
         z, log_w = _draw_log_weights(self._target, self.log_density, n, None)
         if not bool(torch.isfinite(log_w).all()):
             raise ValueError("resample=True needs finite importance weights; some are not")
-        smoothed, _ = psislw(log_w.double().cpu().numpy())
+        lw = log_w.double().cpu().numpy()
+        smoothed, _, _ = smooth_log_weights(lw, 1e-9 * (1.0 + float(np.abs(lw).mean())))
         probs = torch.as_tensor(np.exp(smoothed - smoothed.max()))
         index = torch.multinomial(probs, num_samples, replacement=True).to(z.device)
         return self.log_density.unpack(z[index])
