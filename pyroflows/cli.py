@@ -4,6 +4,11 @@ With no arguments it trains a planar-flow VAE on the embedded static-MNIST sampl
 under a minute on a CPU and writes ``outputs/vae/results.json`` and ``outputs/vae/vae.png``.
 User errors (a missing data directory, a bad flag value, an unwritable output directory, a
 failed download) print one line naming the flag and exit with status 2.
+
+Data-parallel: ``torchrun --nproc_per_node=N -m pyroflows vae ...`` trains on N processes
+(gloo on CPUs, NCCL with ``--device cuda``, one GPU per process): ``--batch-size`` is the
+global mini-batch, rank 0 logs and writes the outputs, and the test set is scored sharded
+across the ranks. See :class:`pyroflows.train.Trainer` and README "Scaling out".
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pyro
 import torch
 
 from pyroflows import __version__
+from pyroflows import distributed as _dist
 from pyroflows.datasets import DATASETS, Dataset, load_dataset
 from pyroflows.train import Trainer, evaluate
 from pyroflows.transforms import CONDITIONAL_FLOWS
@@ -173,16 +179,35 @@ def save_figure(vae: VAE, data: Dataset, path: Path, n: int = 10) -> None:
     plt.close(fig)
 
 
+_RANK = 0  # this process's rank under torchrun: only rank 0 logs and writes outputs
+
+
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if _RANK == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _load_data_in_turn(args: argparse.Namespace, ctx: _dist.Context | None) -> Dataset:
+    """Rank 0 loads (and downloads) first, then the others: no concurrent download."""
+    if ctx is not None and ctx.rank != 0:
+        ctx.barrier()
+    data = _load_data(args)
+    if ctx is not None and ctx.rank == 0:
+        ctx.barrier()
+    return data
 
 
 def run_vae(args: argparse.Namespace) -> dict:
     """Train, evaluate and write the outputs of ``pyroflows vae``; returns the results."""
+    global _RANK
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ctx = _dist.resolve(None, args.device)  # initializes the group under torchrun
+    _RANK = 0 if ctx is None else ctx.rank
+    if ctx is not None:
+        _log(f"data-parallel: {ctx.world_size} processes ({torch.distributed.get_backend()})")
     pyro.set_rng_seed(args.seed)
-    data = _load_data(args)
+    data = _load_data_in_turn(args, ctx)
     source = args.data_dir or "embedded sample"
     _log(
         f"{args.dataset} ({source}): train {len(data.train)}, valid {len(data.valid)}, "
@@ -200,7 +225,7 @@ def run_vae(args: argparse.Namespace) -> dict:
         vae, data.train, data.valid, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, warmup_epochs=args.warmup, early_stopping_epochs=args.patience,
         device=args.device, checkpoint_path=out / "checkpoint.pt", checkpoint_every=10,
-        progress=args.progress, seed=args.seed,
+        progress=args.progress, seed=args.seed, distributed=ctx or False,
     )  # fmt: skip
     if args.resume and (out / "checkpoint.pt").exists():
         trainer.load(out / "checkpoint.pt")
@@ -217,7 +242,10 @@ def run_vae(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - start
     test = data.test[: args.test_subset] if args.test_subset else data.test
     start = time.perf_counter()
-    scores = evaluate(vae, test, num_samples=args.num_samples, progress=args.progress)
+    scores = evaluate(
+        vae, test, num_samples=args.num_samples, progress=args.progress,
+        distributed=ctx or False,
+    )  # fmt: skip
     results = {
         "test_elbo": scores["elbo"],
         "test_log_likelihood": scores.get("log_likelihood", math.nan),
@@ -227,11 +255,14 @@ def run_vae(args: argparse.Namespace) -> dict:
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start,
         "parameters": sum(p.numel() for p in vae.parameters()),
+        "world_size": trainer.world_size,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "history": history,
         "versions": {"pyroflows": __version__, "torch": torch.__version__,
                      "pyro": pyro.__version__, "python": platform.python_version()},
     }  # fmt: skip
+    if _RANK != 0:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
     save_figure(vae, data, out / "vae.png")
     _log(
@@ -255,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"pyroflows {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -4,6 +4,10 @@ r"""Training and evaluation of amortized (flow) VAEs with Pyro.
   with KL warm-up, Adamax, early stopping on the validation ELBO, a tqdm progress bar and
   checkpoints that resume bit-identically;
 * :func:`evaluate` — mean per-datum ELBO and importance-sampled log-likelihood of a data set.
+
+Both run data-parallel with :mod:`torch.distributed` (see :mod:`pyroflows.distributed`):
+the Trainer under ``torchrun`` or with ``distributed=...``, :func:`evaluate` with
+``distributed=...``.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyro
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pyroflows import distributed as _dist
 from pyroflows._utils import check_positive_int
 from pyroflows.objectives import ELBO, Objective, elbo, get_objective, log_likelihood
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ObjectiveModule", "Trainer", "evaluate", "module_elbo"]
 
@@ -95,12 +104,20 @@ def evaluate(
     batch_samples: int = 500,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    distributed: bool | ProcessGroup | _dist.Context | None = False,
 ) -> dict[str, float]:
     r"""Mean per-datum ELBO (one sample) and, if ``num_samples > 0``, IS log-likelihood.
 
     ``module`` has Pyro ``model(x)``/``guide(x)`` methods (e.g. :class:`pyroflows.vae.VAE`).
     Returns ``{"elbo": ..., "log_likelihood": ...}`` in nats per datum (the papers report
     their negatives, −ELBO and NLL).
+
+    Sharded: with ``distributed`` (``True``: the default process group, or a
+    ``ProcessGroup``; see :func:`pyroflows.distributed.resolve`; default ``False``, so a
+    call on one rank only never waits for the others) every rank passes the same ``data``
+    and ``module``, scores its contiguous shard (:func:`~pyroflows.distributed.rank_rows`)
+    with its own noise, and the sums and counts are all-reduced: every rank returns the
+    same values, the means over all of ``data``.
 
     Example:
         >>> from pyroflows.vae import VAE
@@ -114,11 +131,14 @@ def evaluate(
         raise ValueError(f"num_samples must be a non-negative int (0: no IS); got {num_samples!r}")
     batch_size = check_positive_int("batch_size", batch_size)
     device = _device(module, device)
+    ctx = _dist.resolve(distributed, device)
+    rows = data if ctx is None else data[_dist.rank_rows(len(data), ctx.rank, ctx.world_size)]
+    quiet = _quiet(progress) or (ctx is not None and ctx.rank != 0)
     was_training = module.training
     module.eval()
     elbo_sum = torch.zeros((), device=device)
     ll_sum = torch.zeros((), device=device)
-    bar = tqdm(_batches(data, batch_size), desc="eval", leave=False, disable=_quiet(progress))
+    bar = tqdm(_batches(rows, batch_size), desc="eval", leave=False, disable=quiet)
     for x in bar:
         x = x.to(device)
         elbo_sum += module_elbo(module, x, 1.0)
@@ -128,9 +148,14 @@ def evaluate(
             )
             ll_sum += ll.sum()
     module.train(was_training)
-    out = {"elbo": elbo_sum.item() / len(data)}
+    count: float = len(data)
+    if ctx is not None:  # one all-reduce of (sums, count)
+        sums = torch.stack([elbo_sum, ll_sum, elbo_sum.new_tensor(float(len(rows)))])
+        elbo_sum, ll_sum, n = ctx.all_reduce(sums).unbind()
+        count = n.item()
+    out = {"elbo": elbo_sum.item() / count}
     if num_samples > 0:
-        out["log_likelihood"] = ll_sum.item() / len(data)
+        out["log_likelihood"] = ll_sum.item() / count
     return out
 
 
@@ -263,6 +288,37 @@ class Trainer:
             ELBO is today's estimator, bit for bit. ``train_elbo`` in the history is the
             objective's value per datum (the IW bound for IWAE and DReG); validation and
             early stopping always use the one-sample ELBO.
+        distributed: Data-parallel training with :mod:`torch.distributed`. ``None`` (the
+            default): data-parallel when a default process group of more than one rank is
+            initialized or the script runs under ``torchrun`` (the group is then initialized
+            here: ``nccl`` for CUDA, ``gloo`` otherwise); ``True``: always (any size);
+            ``False``: never; a ``ProcessGroup``: over that group. See "Data-parallel" below.
+
+    Data-parallel:
+        Every rank builds the Trainer with the same arguments and data. The loss module
+        (:attr:`loss_module`) is wrapped in ``DistributedDataParallel``, which broadcasts
+        rank 0's parameters and averages the gradients, so every rank takes the same steps.
+        ``batch_size`` is the global mini-batch: each epoch every rank draws the
+        single-process permutation from the shared shuffling generator (rank 0's state,
+        broadcast at construction) and takes its contiguous piece of each global batch
+        (:func:`pyroflows.distributed.rank_batches`: no padding, nothing dropped; uneven
+        pieces are weighted so the averaged gradient is the union batch's mean). Rank
+        ``r``'s Monte-Carlo noise comes from the global RNGs seeded with
+        ``pyroflows.distributed.rank_seed(seed, r)`` here. Training and validation sums and
+        counts are all-reduced once per epoch, so every rank records the same history and
+        takes the same early-stopping decision. :meth:`save` and :meth:`state_dict` are
+        collectives (every rank calls them; :meth:`fit` does); rank 0 writes the file,
+        which every rank reads in :meth:`load` (a path all ranks see). Only rank 0 shows a
+        progress bar. On CUDA, ``device="cuda"`` means the current device
+        (``LOCAL_RANK`` under ``torchrun``).
+
+        A checkpoint holds each rank's RNG states. Resumed on the same number of ranks,
+        training continues bit-identically; on another number of ranks, the optimizer
+        steps are those of the uninterrupted run (same global batches in the same order,
+        β schedule, optimizer and early-stopping state), rank ``r`` continues rank ``r``'s
+        noise stream where the checkpoint has one and is seeded with ``rank_seed(seed, r,
+        epoch)`` otherwise: only the noise differs (with a deterministic loss the
+        parameters agree to rounding).
 
     Example:
         >>> from pyroflows.vae import VAE
@@ -291,6 +347,7 @@ class Trainer:
         log_every: int = 50,
         seed: int = 0,
         loss: str | Objective | None = None,
+        distributed: bool | ProcessGroup | _dist.Context | None = None,
     ) -> None:
         for meth in ("model", "guide"):
             if not callable(getattr(module, meth, None)):
@@ -313,7 +370,8 @@ class Trainer:
                     f"valid_data rows must have the shape of train_data rows "
                     f"{tuple(train_data.shape[1:])}; got {tuple(valid_data.shape[1:])}"
                 )
-        self.device = torch.device(device)
+        self._ctx = _dist.resolve(distributed, device)
+        self.device = _rank_device(torch.device(device), self._ctx)
         self.module = module.to(self.device)
         self.train_data = train_data.to(self.device)
         self.valid_data = None if valid_data is None else valid_data.to(self.device)
@@ -327,6 +385,7 @@ class Trainer:
         self.optimizer = _optimizer(optimizer, module.parameters(), lr)
         self.objective = get_objective(loss)
         self.loss_module = ObjectiveModule(self.module, self.objective)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -335,21 +394,54 @@ class Trainer:
         self.bad_epochs = 0
         self.diverged = False
         self._last_state: dict[str, Tensor] | None = None  # see fit()
+        self._ddp: nn.Module | None = None
+        if self._ctx is not None:
+            self._setup_distributed(self._ctx)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the data-parallel group (0 in a single process)."""
+        return 0 if self._ctx is None else self._ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of data-parallel processes (1 in a single process)."""
+        return 1 if self._ctx is None else self._ctx.world_size
+
+    def _setup_distributed(self, ctx: _dist.Context) -> None:
+        """Shared shuffling state, per-rank noise seeds, DDP around the loss module."""
+        self.generator.set_state(ctx.broadcast_object(self.generator.get_state()))
+        pyro.set_rng_seed(_dist.rank_seed(self.seed, ctx.rank))
+        ids = [self.device] if self.device.type == "cuda" else None
+        self._ddp = nn.parallel.DistributedDataParallel(
+            self.loss_module, device_ids=ids, process_group=ctx.group
+        )
 
     def beta(self, epoch: int) -> float:
         """KL weight of (1-based) ``epoch``: ``min(epoch / warmup_epochs, 1)``."""
         return 1.0 if self.warmup_epochs == 0 else min(epoch / self.warmup_epochs, 1.0)
 
-    def step(self, x: Tensor, beta: float) -> Tensor:
-        """One optimizer step on a mini-batch; returns the detached batch ELBO (no sync)."""
+    def step(self, x: Tensor, beta: float, weight: float | None = None) -> Tensor:
+        """One optimizer step on a mini-batch; returns the detached batch objective (no sync).
+
+        The loss is ``-weight * surrogate`` (default ``weight = 1 / len(x)``, the mean per
+        datum). Data-parallel, it is computed through ``DistributedDataParallel``, which
+        averages the gradients over the ranks: every rank must call ``step`` together.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        value, surrogate = self.loss_module(x, beta)
-        (-surrogate / x.shape[0]).backward()
+        if self._ddp is None:
+            value, surrogate = self.loss_module(x, beta)
+        else:
+            value, surrogate = self._ddp(x, beta)
+        loss = -surrogate / x.shape[0] if weight is None else -surrogate * weight
+        loss.backward()
         self.optimizer.step()
         return value.detach()
 
     def train_epoch(self) -> float:
         """Train one epoch; returns the mean training objective per datum (β-weighted)."""
+        if self._ctx is not None:
+            return self._train_epoch_distributed(self._ctx)
         self.module.train()
         beta = self.beta(self.epoch + 1)
         order = torch.randperm(len(self.train_data), generator=self.generator)
@@ -363,6 +455,29 @@ class Trainer:
                 bar.set_postfix(elbo=f"{total.item() / ((i + 1) * self.batch_size):.2f}")
         self.epoch += 1
         return total.item() / len(self.train_data)
+
+    def _train_epoch_distributed(self, ctx: _dist.Context) -> float:
+        """:meth:`train_epoch` on this rank's pieces of the global batches; one all-reduce."""
+        self.module.train()
+        beta = self.beta(self.epoch + 1)
+        order = torch.randperm(len(self.train_data), generator=self.generator)
+        pieces = _dist.rank_batches(
+            order.to(self.device), self.batch_size, ctx.rank, ctx.world_size
+        )
+        total = torch.zeros((), device=self.device)
+        desc = f"epoch {self.epoch + 1} (β={beta:.2f})"
+        quiet = _quiet(self.progress) or ctx.rank != 0
+        bar = tqdm(pieces, desc=desc, leave=False, disable=quiet)
+        seen = 0
+        for i, (idx, weight) in enumerate(bar):
+            value = self.step(self.train_data[idx], beta, weight)
+            if weight:  # weight 0: a stand-in row that only joins the all-reduce
+                total += value
+                seen += len(idx)
+            if (i + 1) % self.log_every == 0 and not bar.disable:
+                bar.set_postfix(elbo=f"{total.item() / max(seen, 1):.2f}")  # rank 0's rows
+        self.epoch += 1
+        return ctx.all_reduce(total).item() / len(self.train_data)
 
     def fit(
         self, epochs: int, on_epoch: Callable[[dict[str, float]], None] | None = None
@@ -387,7 +502,7 @@ class Trainer:
         """
         check_positive_int("epochs", epochs)
         if self.checkpoint_path is not None:
-            _check_writable(self.checkpoint_path)
+            self._on_rank0(_check_writable, self.checkpoint_path)
         if self._last_state is not None:  # continue from the last epoch, not the best one
             self.module.load_state_dict(self._last_state)
             self._last_state = None
@@ -433,7 +548,12 @@ class Trainer:
 
         A non-finite value (or training ELBO) changes neither: :meth:`fit` reports it.
         """
-        value = evaluate(self.module, self.valid_data, batch_size=self.batch_size * 10)["elbo"]
+        value = evaluate(
+            self.module,
+            self.valid_data,
+            batch_size=self.batch_size * 10,
+            distributed=self._ctx or False,
+        )["elbo"]
         finite = math.isfinite(value) and math.isfinite(train_elbo)
         if finite and value > self.best_elbo:
             self.best_elbo = value
@@ -448,8 +568,17 @@ class Trainer:
         """Everything needed to resume bit-identically, including the RNG states.
 
         ``"module"`` holds the parameters of the last epoch (from which training continues),
-        ``"best_state"`` the best ones.
+        ``"best_state"`` the best ones; ``"rng"`` rank 0's global RNG states,
+        ``"world_size"`` the number of ranks and, when data-parallel, ``"rng_ranks"`` every
+        rank's (gathered: a collective).
         """
+        state = self._local_state()
+        if self._ctx is None:
+            return state | {"world_size": 1}
+        ranks = self._ctx.all_gather_object(state["rng"])
+        return state | {"rng_ranks": ranks, "world_size": len(ranks)}
+
+    def _local_state(self) -> dict[str, Any]:
         return {
             "module": self._last_state or self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -461,6 +590,7 @@ class Trainer:
             "diverged": self.diverged,
             "generator": self.generator.get_state(),
             "rng": _rng_state(),
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -481,7 +611,8 @@ class Trainer:
             raise
 
     def _snapshot(self) -> dict[str, Any]:
-        state = copy.deepcopy(self.state_dict())
+        state = copy.deepcopy(self._local_state())
+        state["_local_rng"] = state["rng"]
         state["_last_state"] = copy.deepcopy(self._last_state)
         state["module"] = copy.deepcopy(self.module.state_dict())
         return state
@@ -490,7 +621,12 @@ class Trainer:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        _set_rng_state(state["rng"])
+        rng = self._rank_rng(state)
+        if rng is None:  # a rank the checkpoint did not have
+            seed = int(state.get("seed", self.seed))
+            pyro.set_rng_seed(_dist.rank_seed(seed, self.rank, int(state["epoch"])))
+        else:
+            _set_rng_state(rng)
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_elbo = float(state["best_elbo"])
@@ -499,18 +635,40 @@ class Trainer:
         self.diverged = bool(state.get("diverged", False))
         self._last_state = state.get("_last_state")
 
+    def _rank_rng(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's RNG states in ``state`` (a checkpoint of any world size, or a
+        :meth:`_snapshot`); ``None`` if it has none for this rank."""
+        if "_local_rng" in state:
+            return state["_local_rng"]
+        if self.rank == 0:
+            return state["rng"]
+        ranks = state.get("rng_ranks", [])
+        return ranks[self.rank] if self.rank < len(ranks) else None
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically to ``path`` (a torch zip file; no ``.tmp`` is left)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        """Write a checkpoint atomically to ``path`` (a torch zip file; no ``.tmp`` is left).
+
+        Data-parallel: a collective; rank 0 writes, and an error there is raised on every rank.
+        """
+        state = self.state_dict()
+        self._on_rank0(_write, Path(path), state)
+
+    def _on_rank0(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` on rank 0 only; its exception is raised there and, as a
+        ``RuntimeError``, on the other ranks (so none waits for a rank that failed)."""
+        if self._ctx is None:
+            return fn(*args)
+        error: Exception | None = None
+        if self._ctx.rank == 0:
+            try:
+                fn(*args)
+            except Exception as err:  # re-raised below, on every rank
+                error = err
+        message = self._ctx.broadcast_object(None if error is None else repr(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 failed: {message}")
 
     def load(self, path: str | os.PathLike) -> Trainer:
         """Resume from a checkpoint written by :meth:`save`; returns ``self``.
@@ -531,6 +689,25 @@ class Trainer:
             raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated: {err}") from err
         self.load_state_dict(state)
         return self
+
+
+def _write(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _rank_device(device: torch.device, ctx: _dist.Context | None) -> torch.device:
+    """``cuda`` without an index means this rank's current CUDA device when data-parallel."""
+    if ctx is not None and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 _STATE_KEYS = ("module", "optimizer", "epoch", "history", "best_elbo", "best_state",

@@ -353,13 +353,26 @@ def test_fit_in_pieces_continues_exactly_as_one_fit(first, tmp_path):
     assert torch.equal(saved["module"]["mu"], whole.state_dict()["module"]["mu"])
 
 
+def _largest_tensor_middle(path) -> int:
+    """Byte offset of the middle of the largest tensor stored in the checkpoint zip."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+
+
 def test_corrupt_or_truncated_checkpoints_are_detected_on_load(tmp_path):
     path = tmp_path / "ck.pt"
     make_trainer(0, path).fit(1)
     raw = bytearray(path.read_bytes())
     flipped, truncated = tmp_path / "flipped.pt", tmp_path / "truncated.pt"
     raw_flip = raw.copy()
-    raw_flip[len(raw) // 2] ^= 0xFF  # inside a tensor's data: torch.load alone reads it silently
+    raw_flip[_largest_tensor_middle(path)] ^= 0xFF  # torch.load alone reads it silently
     flipped.write_bytes(bytes(raw_flip))
     truncated.write_bytes(bytes(raw[: len(raw) // 2]))
     for bad in (flipped, truncated):
