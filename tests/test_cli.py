@@ -121,3 +121,13 @@ def test_help_lists_flows_and_defaults_without_rst(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_python_dash_m_pyroflows_runs_the_cli(monkeypatch, capsys):
+    """``python -m pyroflows`` (and so ``torchrun -m pyroflows vae ...``) reaches main()."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["pyroflows", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("pyroflows", run_name="__main__")
+    assert exit_info.value.code == 0 and "pyroflows" in capsys.readouterr().out

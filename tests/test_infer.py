@@ -444,3 +444,27 @@ def test_failed_save_leaves_no_tmp_file_and_keeps_the_old_checkpoint(tmp_path, m
         trainer.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
     assert path.read_bytes() == good
+
+
+def test_trainer_steps_do_not_sync_the_host(device):
+    """On CUDA a training step (and the data-parallel sharding) queues work without waiting
+    for it: torch's sync debug mode turns any host sync into an error. Planar VAE: the
+    orthogonal Sylvester flow checks its Björck iteration's convergence on the host by
+    design (pyroflows/transforms/_sylvester_q.py)."""
+    from pyroflows.distributed import rank_batches
+
+    if device.type != "cuda":
+        pytest.skip("host syncs are a CUDA matter: run with --device cuda (benchmarks/gpu.sh)")
+    trainer = make_trainer(0, device=device)
+    x = trainer.train_data[:16]
+    trainer.step(x, 1.0)  # lazy initialisation (fused optimizer state) may sync once
+    order = torch.randperm(len(trainer.train_data)).to(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step(x, 0.5)
+        for idx, weight in rank_batches(order, 16, 1, 2):
+            trainer.step(trainer.train_data[idx], 1.0, weight)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
