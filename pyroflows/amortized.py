@@ -403,6 +403,11 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 )
             return self.local_plate
         candidates = sorted(n for n, f in frames.items() if _subsampled(f)) or sorted(frames)
+        if not candidates:
+            raise ValueError(
+                "the model has no vectorized pyro.plate holding latent sites, so no local "
+                "latent variables to amortize; use pyroflows.AutoFlowGuide"
+            )
         if len(candidates) != 1:
             raise ValueError(
                 f"cannot tell which plate is local among {candidates}; pass local_plate= "

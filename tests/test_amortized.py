@@ -204,6 +204,11 @@ def unobserved_plate(y):
     pyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y.sum())
 
 
+def no_plate(y):
+    z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=y.dtype), 1.0))
+    pyro.sample("y", dist.Normal(z, 1.0), obs=y.sum())
+
+
 def two_plates(y):
     with pyro.plate("a", 2, dim=-1):
         pyro.sample("za", dist.Normal(torch.zeros((), dtype=y.dtype), 1.0))
@@ -225,6 +230,7 @@ def two_plates(y):
         (two_subsampled, {"local_plate": "groups"}, ValueError, "'z' is in the subsampled plate"),
         (unobserved_plate, {}, ValueError, "'groups' holds no observed site.*encoder="),
         (two_plates, {}, ValueError, "cannot tell which plate is local.*local_plate="),
+        (no_plate, {}, ValueError, "no vectorized pyro.plate.*use pyroflows.AutoFlowGuide"),
         (
             normal_model,
             {"encoder": lambda idx, *a, **k: torch.zeros(len(idx))},
@@ -244,6 +250,7 @@ def two_plates(y):
         "nested-subsampled",
         "no-observed",
         "ambiguous",
+        "no-plate",
         "encoder-shape",
     ],
 )
