@@ -28,6 +28,15 @@ whose RSS passes it is killed; the table says which.
 
 Run: ``python benchmarks/large_d.py`` (writes ``benchmarks/results/large_d.md``);
 ``--dims 1000 --rounds 1`` for a quick look.
+
+Two single measurements behind docstring notes (printed, not written):
+
+* ``--score D``: scoring one new point (``get_posterior().log_prob`` without autograd) with
+  VI's default guide at D, fresh and with its MADE weights perturbed, the number of MADE
+  passes the inverse took, and the time of one pass (so of the worst case, D per layer);
+* ``--sylvester D``: one Sylvester-triangular layer, forward + log-det + backward of one
+  point, with Q as a dense D x D matrix (the code before issue 18, still reached by passing
+  the matrix) and as the permutation index.
 """
 
 from __future__ import annotations
@@ -107,6 +116,70 @@ def worker(name: str, dim: int, steps: int, threads: int) -> dict:
         "param_mb": param_bytes / 2**20,
         "buffer_mb": buffer_bytes / 2**20,
     }
+
+
+def score_new_point(dim: int) -> None:
+    """Time ``log_prob`` of a point the guide did not sample (the IAF inverse), see module doc."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyroflows.transforms import IAF
+    from pyroflows.transforms import made as made_module
+    from pyroflows.vi import default_guide
+
+    iaf_module = sys.modules["pyroflows.transforms.iaf"]
+    torch.manual_seed(0)
+
+    def model() -> None:
+        pyro.sample("z", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
+
+    guide = default_guide(model)
+    guide()
+    layers = [m for m in guide.flows.modules() if isinstance(m, IAF)]
+    passes = [0]
+
+    def counting(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+        passes[0] += 1
+        return made_module.made_forward(x, weights)
+
+    iaf_module.made_forward = counting
+    for tag, noise in (("fresh", 0.0), ("MADE weights + 0.05 N(0, 1/fan_in)", 0.05)):
+        with torch.no_grad():
+            for p in (p for m in layers for p in m.parameters()):
+                p.add_(noise * torch.randn_like(p) / (p.shape[-1] ** 0.5 if p.dim() > 1 else 1))
+            z = guide.loc + 0.1 * torch.randn(dim)
+            passes[0] = 0
+            t0 = time.perf_counter()
+            guide.get_posterior().log_prob(z)
+            took = time.perf_counter() - t0
+        print(f"D={dim} {tag}: log_prob of a new point {took:.2f} s, {passes[0]} MADE passes")
+    iaf_module.made_forward = made_module.made_forward
+    with torch.no_grad():
+        x, weights = torch.randn(1, dim), layers[0].made.weights()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            made_module.made_forward(x, weights)
+        per = (time.perf_counter() - t0) / 20
+    print(
+        f"one MADE pass {per * 1e3:.1f} ms: D passes x {len(layers)} layers = {per * dim * 4:.0f} s"
+    )
+
+
+def sylvester_dense_vs_index(dim: int) -> None:
+    """One T-SNF layer, forward + log-det + backward of one point, dense Q vs index Q."""
+    from pyroflows.transforms import Sylvester
+    from pyroflows.transforms._sylvester_q import dense_q
+    from pyroflows.transforms.sylvester import _sylvester
+
+    torch.manual_seed(0)
+    params = Sylvester(dim, "triangular", permute=True).params()
+    x = torch.randn(1, dim)
+    for tag, q in (("index", params[0]), ("dense", dense_q(params[0], params[1]))):
+        ps = [q] + [t.detach().requires_grad_() for t in params[1:]]
+        t0 = time.perf_counter()
+        y, ladj = _sylvester(x, *ps)
+        (y.sum() + ladj.sum()).backward()
+        print(f"D={dim} T-SNF layer, Q {tag}: {time.perf_counter() - t0:.3f} s")
 
 
 def estimated_gb(name: str, dim: int) -> float:
@@ -217,6 +290,13 @@ def report(args: argparse.Namespace, results: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.score or args.sylvester:
+        torch.set_num_threads(args.threads[0])
+        if args.score:
+            score_new_point(args.score)
+        if args.sylvester:
+            sylvester_dense_vs_index(args.sylvester)
+        return
     if args.worker:
         name, dim = args.worker
         print(json.dumps(worker(name, int(dim), args.steps, args.threads[0])))
@@ -251,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per worker")
     parser.add_argument("--output", default="benchmarks/results/large_d.md")
     parser.add_argument("--raw", help="also write every worker's result as JSON here")
+    parser.add_argument("--score", type=int, metavar="D", help="time scoring a new point")
+    parser.add_argument("--sylvester", type=int, metavar="D", help="T-SNF dense vs index Q")
     parser.add_argument("--worker", nargs=2, metavar=("GUIDE", "D"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
