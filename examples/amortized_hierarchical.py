@@ -98,7 +98,6 @@ def fit(
     num_steps: int,
     subsample_size: int | None,
     lr: float,
-    num_particles: int = 1,
 ) -> float:
     """SVI with Adam: ``lr`` for 40% of the steps, then decaying 100x; returns seconds.
 
@@ -108,7 +107,7 @@ def fit(
     """
     warm = int(0.4 * num_steps)
     start = time.perf_counter()
-    elbo = Trace_ELBO(num_particles=num_particles)
+    elbo = Trace_ELBO()
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
     for _ in range(warm):
         svi.step(y, subsample_size)
@@ -133,9 +132,9 @@ def main(args: argparse.Namespace) -> dict:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     y = simulate(args.num_groups, args.obs_per_group, args.seed)
-    guide = AutoAmortizedFlowGuide(model, antithetic=args.antithetic)
+    guide = AutoAmortizedFlowGuide(model)
     batch = min(args.subsample_size, args.num_groups)
-    seconds = fit(guide, y, args.num_steps, batch, args.lr, 2 if args.antithetic else 1)
+    seconds = fit(guide, y, args.num_steps, batch, args.lr)
     draws = guide.global_guide.sample_posterior(y, batch, num_samples=args.num_samples)
     mean, cov = exact_globals(y)
     sd = cov.diagonal().sqrt()
@@ -167,11 +166,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, default=3000, help="SVI steps")
     parser.add_argument("--lr", type=float, default=0.01, help="initial Adam step size")
     parser.add_argument("--num-samples", type=int, default=4000, help="posterior draws")
-    parser.add_argument(
-        "--antithetic",
-        action="store_true",
-        help="antithetic pairs of draws (two particles per step, one subsample)",
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data and inference")
     parser.add_argument("--output-dir", default="results", help="where the JSON is written")
     return parser.parse_args(argv)

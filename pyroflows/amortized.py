@@ -46,39 +46,25 @@ class _Found(Exception):
 class _Discover(Messenger):
     """Record a plate's subsample indices and the observed values of some sites.
 
-    ``indices`` (optional) forces the plate's subsample; ``random_indices`` (optional) is used
-    where the model's plate draws a random subsample (else a fresh uniform subset is drawn,
-    :func:`_random_subset`). Raises :class:`_Found` as soon as the indices and every site in
-    ``observed`` have been seen, so the rest of the model does not run.
+    ``indices`` (optional) forces the plate's subsample. Raises :class:`_Found` as soon as
+    the indices and every site in ``observed`` have been seen, so the rest of the model
+    does not run.
     """
 
-    def __init__(
-        self,
-        plate: str,
-        observed: Sequence[str],
-        indices: Tensor | None = None,
-        random_indices: Tensor | None = None,
-    ) -> None:
+    def __init__(self, plate: str, observed: Sequence[str], indices: Tensor | None) -> None:
         super().__init__()
-        self.plate, self.indices, self.random_indices = plate, indices, random_indices
+        self.plate, self.indices = plate, indices
         self.missing = {plate, *observed}
         self.sites: dict[str, Message] = {}
-        self.random = False
 
     def _pyro_sample(self, msg: Message) -> None:
-        if msg["name"] != self.plate or not site_is_subsample(msg):
+        if msg["name"] != self.plate or not site_is_subsample(msg) or msg["value"] is not None:
             return
         fn = msg["fn"]
         if self.indices is not None:
             msg["value"] = self.indices
-        elif (
-            msg["value"] is None and fn.subsample_size is not None and fn.subsample_size < fn.size
-        ):
-            self.random = True
-            if self.random_indices is not None and len(self.random_indices) == fn.subsample_size:
-                msg["value"] = self.random_indices
-            else:
-                msg["value"] = _random_subset(fn.size, fn.subsample_size, fn.device)
+        elif fn.subsample_size is not None and fn.subsample_size < fn.size:
+            msg["value"] = _random_subset(fn.size, fn.subsample_size, fn.device)
 
     def _pyro_post_sample(self, msg: Message) -> None:
         name = msg["name"]
@@ -87,29 +73,6 @@ class _Discover(Messenger):
             self.missing.discard(name)
             if not self.missing:
                 raise _Found
-
-
-class _SetLatent(Messenger):
-    """Draw the global guide's packed latent from given base noise ``-eps`` (antithetic) or
-    fresh noise, so that the noise is known; records it in ``self.eps``."""
-
-    def __init__(self, name: str, eps: Tensor | None) -> None:
-        super().__init__()
-        self.name, self.eps = name, eps
-
-    def _pyro_sample(self, msg: Message) -> None:
-        if msg["name"] != self.name or msg["value"] is not None:
-            return
-        fn = msg["fn"]  # TransformedDistribution of N(0, I)
-        self.eps = fn.base_dist.sample() if self.eps is None else -self.eps
-        msg["value"] = _push(self.eps, fn.transforms)
-
-
-def _push(x: Tensor, transforms: Sequence[Transform]) -> Tensor:
-    """Apply ``transforms`` in order (as ``rsample``), filling their caches for ``log_prob``."""
-    for t in transforms:
-        x = t(x)
-    return x
 
 
 def _random_subset(size: int, subsample_size: int, device: torch.device | str) -> Tensor:
@@ -156,10 +119,6 @@ def _from_members(flat: Tensor, rest: torch.Size, dim: int) -> Tensor:
     """Inverse of :func:`_to_members`: ``(*batch, B, d)`` to values with the plate at ``dim``."""
     value = flat.reshape(flat.shape[:-1] + rest)  # (*batch, B, *rest)
     return value.movedim(-len(rest) - 1, dim)
-
-
-def _get(pair: dict[str, Tensor | None] | None, key: str) -> Tensor | None:
-    return None if pair is None else pair[key]
 
 
 def _plate_frame(site: Message, plate: str) -> Any:
@@ -272,11 +231,6 @@ class AutoAmortizedFlowGuide(AutoGuide):
         num_local_flows: Number of conditional flow layers K.
         hidden_dims: Widths of the context MLP's hidden layers (ELU).
         condition_on_globals: Put the sampled global latents into the context.
-        antithetic: Draw in antithetic pairs: every second call reuses the previous call's
-            random subsample and negates its base noise (globals and locals), so that in the
-            gradient of the pair the subsampling noise multiplying the noise of the globals
-            cancels. Use with ``Trace_ELBO(num_particles=2)`` (each step one pair); it is the
-            scale of the globals that converges slowly without it when ``N / B`` is large.
         init_loc_fn: Per-site initialisation (Pyro's ``init_to_*``); the local base mean
             starts at the members' average initial value.
         init_scale: Initial standard deviation of both guides in unconstrained space.
@@ -315,7 +269,6 @@ class AutoAmortizedFlowGuide(AutoGuide):
         num_local_flows: int = 4,
         hidden_dims: Sequence[int] = (64, 64),
         condition_on_globals: bool = True,
-        antithetic: bool = False,
         init_loc_fn: Callable[[dict], Tensor] = init_to_median,
         init_scale: float = 0.1,
     ) -> None:
@@ -339,8 +292,6 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self.num_local_flows = check_positive_int("num_local_flows", num_local_flows)
         self.hidden_dims = _check_hidden_dims(hidden_dims)
         self.condition_on_globals = bool(condition_on_globals)
-        self.antithetic = bool(antithetic)
-        self._pair: dict[str, Tensor | None] | None = None
         self.init_loc_fn = init_loc_fn
         self._init_scale = _check_init_scale(init_scale)
         super().__init__(model)
@@ -499,16 +450,11 @@ class AutoAmortizedFlowGuide(AutoGuide):
         return torch.cat([p.to(dtype) for p in parts], dim=-1)
 
     def _discover(
-        self,
-        args: tuple,
-        kwargs: dict,
-        indices: Tensor | None = None,
-        random: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, bool]:
-        """Run the model (blocked) to the plate's observed sites: indices, features and
-        whether the indices are a random subsample (``random`` reuses given ones)."""
+        self, indices: Tensor | None, args: tuple, kwargs: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Run the model (blocked) to the plate's observed sites: indices and features."""
         observed = [] if self._encoder is not None else self._observed
-        found = _Discover(self.local_plate, observed, indices, random)
+        found = _Discover(self.local_plate, observed, indices)
         with poutine.block(), pyro.validation_enabled(False), torch.no_grad():
             try:
                 found(self.model)(*args, **kwargs)
@@ -520,7 +466,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
                 "AutoAmortizedFlowGuide needs the same plate and observed sites on every call"
             )
         indices = found.sites.pop(self.local_plate)["value"]
-        return indices, self._features(found.sites, indices, args, kwargs), found.random
+        return indices, self._features(found.sites, indices, args, kwargs)
 
     def _make_plates(self, indices: Tensor) -> dict[str, pyro.plate]:
         plates = {}
@@ -554,35 +500,16 @@ class AutoAmortizedFlowGuide(AutoGuide):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        pair, self._pair = (self._pair, None) if self.antithetic else (None, None)
-        indices, features, random = self._discover(args, kwargs, random=_get(pair, "indices"))
+        indices, features = self._discover(None, args, kwargs)
         self.plates = self._make_plates(indices)
         replayed = self.plates[self.local_plate].indices  # differs under an outer replay
         if replayed is not indices and not torch.equal(replayed, indices):
-            indices, features, random = self._discover(args, kwargs, indices=replayed)
-        result, eps_global = self._sample_globals(args, kwargs, _get(pair, "global"))
+            indices, features = self._discover(replayed, args, kwargs)
+        result = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
         posterior = self.local(self._context(features, result))  # batch (B,), event (D,)
-        base = posterior.base_dist.base_dist  # Normal(loc(h), scale(h)), (B, D)
-        eps = _get(pair, "local")
-        eps = torch.randn_like(base.loc) if eps is None or eps.shape != base.loc.shape else -eps
-        latent = _push(base.loc + base.scale * eps, posterior.transforms)  # (B, D)
+        latent = posterior.rsample()  # (B, D)
         result.update(self._sample_locals(latent, posterior.log_prob(latent)))
-        if self.antithetic and pair is None:  # the next call draws the mirror image
-            self._pair = {"indices": indices if random else None, "global": eps_global}
-            self._pair["local"] = eps
         return result
-
-    def _sample_globals(
-        self, args: tuple, kwargs: dict, eps: Tensor | None
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The global guide's draw (from ``-eps`` if given) and its base noise."""
-        if self.global_guide is None:
-            return {}, None
-        if not self.antithetic:
-            return self.global_guide(*args, **kwargs), None
-        with _SetLatent(f"_{self.global_guide._pyro_name}_latent", eps) as setter:
-            result = self.global_guide(*args, **kwargs)
-        return result, setter.eps
 
     def _sample_locals(self, latent: Tensor, log_q: Tensor) -> dict[str, Tensor]:
         """Record the packed local latent (auxiliary, scored by ``log_q``) and each site."""
@@ -622,7 +549,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         """
         check_positive_int("num_samples", num_samples)
         self._ensure_prototype(*args, **kwargs)
-        _, features, _ = self._discover(args, kwargs)
+        _, features = self._discover(None, args, kwargs)
         context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
         context = context.expand(num_samples, -1, -1)  # (S, B, C)
         out: dict[str, Tensor] = {}

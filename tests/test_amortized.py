@@ -349,21 +349,3 @@ def test_precondition_globals_keeps_the_moments_and_whitens():
     assert torch.isfinite(loss)
     with pytest.raises(RuntimeError, match="call the guide once"):
         AutoAmortizedFlowGuide(normal_model).precondition_globals()
-
-
-def test_antithetic_pairs_share_the_subsample_and_mirror_the_noise():
-    y = data(100)
-    guide = AutoAmortizedFlowGuide(normal_model, antithetic=True, num_flows=1)
-    guide(y, 8)  # sets up and starts a pair; the next call completes it
-    traces = [poutine.trace(guide).get_trace(y, 8) for _ in range(3)]
-    mirror, first, second = (t.nodes["groups"]["value"] for t in traces)
-    assert torch.equal(first, second) and not torch.equal(mirror, first)
-    aux = "_AutoAmortizedFlowGuide.global_guide_latent"
-    loc = guide.global_guide.loc.detach()
-    torch.testing.assert_close(  # mirror images about the (identity-flow) base location
-        traces[1].nodes[aux]["value"] + traces[2].nodes[aux]["value"], 2 * loc, atol=1e-3, rtol=0
-    )
-    fixed = torch.tensor([1, 2, 3])  # a given subsample is never replaced
-    assert torch.equal(
-        poutine.trace(guide).get_trace(y, None, fixed).nodes["groups"]["value"], fixed
-    )
