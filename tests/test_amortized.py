@@ -7,6 +7,7 @@ The default run takes a few seconds; the comparison with the exact posterior of 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pyro
@@ -349,3 +350,34 @@ def test_precondition_globals_keeps_the_moments_and_whitens():
     assert torch.isfinite(loss)
     with pytest.raises(RuntimeError, match="call the guide once"):
         AutoAmortizedFlowGuide(normal_model).precondition_globals()
+
+
+def test_trainer_runs_a_module_wrapping_the_guide():
+    """pyroflows.Trainer's mini-batches as the plate's subsample: the model observes the rows
+    it is given under ``pyro.plate("groups", N, subsample_size=len(x))``."""
+    from pyroflows import Trainer
+
+    n_groups = 200
+    rows = 2.0 + torch.randn(n_groups, 1) + torch.randn(n_groups, 4)
+
+    class Hierarchical(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.auto = AutoAmortizedFlowGuide(self.model, num_flows=1, num_local_flows=1)
+
+        def model(self, x, beta=1.0):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("groups", n_groups, subsample_size=len(x)):
+                alpha = pyro.sample("alpha", dist.Normal(mu, 1.0))
+                pyro.sample("y", dist.Normal(alpha[:, None], 1.0).to_event(1), obs=x)
+
+        def guide(self, x, beta=1.0):
+            return self.auto(x, beta)
+
+    module = Hierarchical()
+    module.guide(rows[:10])  # creates the parameters before Trainer builds its optimizer
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = Trainer(module, rows, batch_size=50, progress=False, warmup_epochs=0, lr=1e-2)
+    history = trainer.fit(2)
+    assert len(history) == 2 and all(math.isfinite(h["train_elbo"]) for h in history)
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
