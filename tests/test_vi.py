@@ -229,6 +229,7 @@ def test_vi_does_not_stop_while_still_improving():
         step_sizes=(1e-3,),
         max_hessian_dim=0,
         num_starts=1,
+        fallback_loss=None,  # about the stopping rule: no second fit
         progress_bar=False,
         seed=0,
     )
@@ -353,7 +354,8 @@ def centred_hierarchy(y: torch.Tensor) -> None:
 
 def test_funnel_without_a_mode_falls_back_and_says_so():
     y = torch.tensor([28.0, 8.0, -3.0, 7.0], dtype=F64)
-    vi = VI(centred_hierarchy, progress_bar=False, seed=0)
+    # about the mode-search fallback, not the objective one: a single fit
+    vi = VI(centred_hierarchy, fallback_loss=None, progress_bar=False, seed=0)
     with warnings.catch_warnings(record=True):  # a funnel: a k-hat warning is fair here
         warnings.simplefilter("always")
         vi.run(y)
@@ -544,3 +546,24 @@ def test_every_objective_fits_a_correlated_gaussian(loss: str) -> None:
 def test_objective_name_is_checked() -> None:
     with pytest.raises(ValueError, match="loss must be one of"):
         VI(lambda: None, loss="kl")
+
+
+def test_fallback_objective_runs_only_when_no_fit_is_usable() -> None:
+    """A diagonal guide cannot fit a 0.99-correlated Gaussian (k-hat >= 0.7): one more fit
+    with the fallback objective (STL) runs; with ``fallback_loss=None`` it does not."""
+    cov = torch.tensor([[1.0, 0.99], [0.99, 1.0]])
+
+    def target() -> None:
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(2), cov))
+
+    runs = {}
+    for fallback in ("stl", None):
+        pyro.clear_param_store()
+        vi = VI(target, AutoDiagonalNormal(target), fallback_loss=fallback, seed=0,
+                progress_bar=False, **QUICK)  # fmt: skip
+        with pytest.warns(UserWarning, match="k-hat"):
+            vi.run()
+        runs[fallback] = vi.diagnostics()["restarts"]
+    assert [f["objective"] for f in runs["stl"]] == ["elbo", "stl"]
+    assert [f["objective"] for f in runs[None]] == ["elbo"]
+    assert runs["stl"][0]["khat"] >= 0.7
