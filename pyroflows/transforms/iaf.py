@@ -116,11 +116,13 @@ class IAF(FlowModule):
     Note:
         The inverse (scoring a point this flow did not sample) takes at most D sequential
         MADE passes; without autograd it stops as soon as the iterate stops changing.
-        Measured at D = 5,000 with the default width (2-core CPU, one point, float32): one
-        pass takes about 13 ms, so all D passes (always the case with autograd) take about
-        65 s per layer, 4.5 minutes for a four-layer guide; without autograd a freshly
-        initialised or slightly perturbed four-layer guide stopped after 23-40 passes in
-        all (``log_prob`` of a new point in 1.5-1.7 s, its full-rank base included).
+        Measured at D = 5,000 with the default width (one point, float32, a shared 2-core
+        CPU; ``python benchmarks/large_d.py --score 5000``): one pass reads the layer's
+        18 MB of masked weights in 1.2-1.6 ms with one thread (5-13 ms with two threads
+        under load), so all D passes (always the case with autograd) take 6-8 s per layer,
+        23-32 s for a four-layer guide (up to 4.5 minutes with two contended threads);
+        without autograd a fresh or slightly perturbed four-layer guide stopped after 24-40
+        passes in all (``log_prob`` of a new point in 0.4-2.6 s, full-rank base included).
 
     Args:
         input_dim: Dimension D of the event.
