@@ -121,7 +121,7 @@ class IAF(FlowModule):
         18 MB of masked weights in 1.2-1.6 ms with one thread (5-13 ms with two threads
         under load), so all D passes (always the case with autograd) take 6-8 s per layer,
         23-32 s for a four-layer guide (up to 4.5 minutes with two contended threads);
-        without autograd a fresh or slightly perturbed four-layer guide stopped after 24-40
+        without autograd a fresh or slightly perturbed four-layer guide stopped after 23-40
         passes in all (``log_prob`` of a new point in 0.4-2.6 s, full-rank base included).
 
     Args:
