@@ -180,9 +180,10 @@ def permutation_q(input_dim: int, permute: bool, like: Tensor) -> Tensor:
 
     Q is the permutation matrix :math:`I[:, \text{perm}]`, so :math:`Q^\top x` =
     ``x[..., perm]`` and, as both choices are their own inverse, :math:`Q v` =
-    ``v[..., perm]``: the flow gathers instead of multiplying by a dense D×D matrix (the
-    products cost O(D²) per point and 9 s per layer at D = 4,000). :func:`dense_q` gives the
-    matrix.
+    ``v[..., perm]``: the flow gathers instead of multiplying by a dense D×D matrix (forming
+    :math:`Q\tilde R^\top` and :math:`QR` cost O(D³) per call: one layer's forward and
+    backward at D = 4,000 took 7.1 s, 0.12 s with the gather, ``python
+    benchmarks/large_d.py --sylvester 4000``). :func:`dense_q` gives the matrix.
     """
     return _perm_index(input_dim, permute, like.device)
 
