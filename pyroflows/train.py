@@ -270,7 +270,7 @@ class Trainer:
             (e.g. :class:`pyroflows.vae.VAE`).
         train_data: ``(N, D)`` training tensor.
         valid_data: Optional validation tensor for early stopping.
-        batch_size: Mini-batch size.
+        batch_size: Mini-batch size (the global one, summed over ranks, when data-parallel).
         lr: Learning rate.
         optimizer: ``"adamax"`` (the Sylvester-flows code) or ``"adam"`` (fused update where
             supported).
@@ -310,7 +310,8 @@ class Trainer:
         collectives (every rank calls them; :meth:`fit` does); rank 0 writes the file,
         which every rank reads in :meth:`load` (a path all ranks see). Only rank 0 shows a
         progress bar. On CUDA, ``device="cuda"`` means the current device
-        (``LOCAL_RANK`` under ``torchrun``).
+        (``LOCAL_RANK`` under ``torchrun``). DDP runs with its defaults: every parameter
+        must get a gradient in every step (as in the VAE).
 
         A checkpoint holds each rank's RNG states. Resumed on the same number of ranks,
         training continues bit-identically; on another number of ranks, the optimizer

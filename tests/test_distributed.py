@@ -8,7 +8,9 @@ the test compares with a single-process reference.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import math
 import os
 import socket
@@ -272,27 +274,30 @@ class Shift(nn.Module):
         pass
 
 
-def shift_trainer(distributed) -> Trainer:
+def shift_trainer(distributed, progress=False) -> Trainer:
     """Validation rows at -5 (rank 0's shard) and +5 (rank 1's): the global validation ELBO
     improves as μ falls from 5 to 0 while rank 1's local one gets worse every epoch."""
     train = torch.zeros(10, 2, dtype=torch.float64)
     valid = torch.cat([torch.full((5, 2), -5.0), torch.full((5, 2), 5.0)]).double()
     return Trainer(
         Shift(), train, valid, lr=0.5, batch_size=5, warmup_epochs=0, early_stopping_epochs=2,
-        progress=False, distributed=distributed,
+        progress=progress, distributed=distributed,
     )  # fmt: skip
 
 
 def _early_stopping(rank, world, out):
-    trainer = shift_trainer(True)
+    trainer = shift_trainer(True, progress=True)
     local = []
     shard = trainer.valid_data[rank_rows(10, rank, world)]
-    trainer.fit(8, on_epoch=lambda h: local.append(evaluate(trainer.module, shard)["elbo"]))
-    return {"history": trainer.history, "local": local, "epoch": trainer.epoch}
+    with contextlib.redirect_stderr(io.StringIO()) as err:  # progress bars: rank 0 only
+        trainer.fit(8, on_epoch=lambda h: local.append(evaluate(trainer.module, shard)["elbo"]))
+    bars = err.getvalue()
+    return {"history": trainer.history, "local": local, "epoch": trainer.epoch, "bars": bars}
 
 
 def test_early_stopping_is_a_consensus_without_hang(tmp_path):
     r0, r1 = run_ranks(_early_stopping, tmp_path, timeout=60.0)
+    assert "epoch 1" in r0["bars"] and r1["bars"] == ""  # progress=True: a bar on rank 0 only
     local = r1["local"][:3]  # rank 1's own validation ELBO falls: alone it would stop
     assert local[0] > local[1] > local[2]
     # ...after epoch 3 (patience 2), but the all-reduced ELBO decides, alike on both ranks
