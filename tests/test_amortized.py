@@ -292,7 +292,7 @@ def _errors(draws, names, mean, sd):
     )
 
 
-@pytest.mark.slow  # ~1.5 min: three 3000-step SVI fits (benchmarks/amortized.py part 1)
+@pytest.mark.slow  # ~3 min CPU: three 3000-step SVI fits (benchmarks/amortized.py part 1)
 def test_amortized_matches_full_flow_guide_on_20_groups():
     """Issue 17 acceptance: worst mean/sd error (exact-posterior sd units) of the amortized
     guide within 0.1 of AutoFlowGuide's; both beat AutoNormal."""
