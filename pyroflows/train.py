@@ -260,10 +260,12 @@ class Trainer:
     :math:`\beta_t = \min(t / T_{\text{warm-up}}, 1)` for epoch :math:`t = 1, 2, \dots`, then
     scores the validation set (β = 1). Training stops when the validation ELBO has not
     improved for ``early_stopping_epochs`` epochs after warm-up, and the best parameters are
-    restored. The step is :func:`elbo` (Pyro's Trace_ELBO estimator; ``module.elbo(x, beta)``
-    instead where the module defines one, as :class:`~pyroflows.vae.VAE` does) with a torch
-    optimizer over ``module.parameters()``; the loss is read back (``.item()``) only every
-    ``log_every`` steps.
+    restored. The step maximises ``loss`` (by default the one-sample ELBO: Pyro's
+    Trace_ELBO estimator, computed by ``module.elbo(x, beta)`` where the module defines one, as
+    :class:`~pyroflows.vae.VAE` does), computed through :class:`ObjectiveModule`'s ``forward``
+    so that ``DistributedDataParallel`` sees it, with a torch optimizer over
+    ``module.parameters()``; the loss is read back (``.item()``) only every ``log_every``
+    steps.
 
     Args:
         module: An ``nn.Module`` with ``model(x, beta)`` and ``guide(x, beta)`` methods
