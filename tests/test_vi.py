@@ -523,7 +523,14 @@ def test_model_must_be_callable():
         VI("not a model")
 
 
-@pytest.mark.parametrize("loss", ["stl", "iwae", "dreg"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "stl",
+        pytest.param("iwae", marks=pytest.mark.slow),
+        pytest.param("dreg", marks=pytest.mark.slow),
+    ],
+)
 def test_every_objective_fits_a_correlated_gaussian(loss: str) -> None:
     """VI(loss=...) drives each estimator; on a 2-D correlated Gaussian each fit is close.
     (The default flow guide with every objective: tests/test_objectives.py and the
