@@ -274,7 +274,12 @@ def funnel(dim: int) -> Callable[[], None]:
 
 GUIDE_PAIRS = [  # (ours, Pyro's equivalent): each pair is timed interleaved
     (
-        ("AutoFlowGuide(iaf, 2)", lambda m: AutoFlowGuide(m, flow="iaf", num_flows=2)),
+        (  # the width Pyro's AutoIAFNormal uses too (the default is 3 min(D, 100) + 1)
+            "AutoFlowGuide(iaf, 2)",
+            lambda m: AutoFlowGuide(
+                m, flow=lambda d: IAF(d, hidden_dims=[3 * d + 1]), num_flows=2
+            ),
+        ),
         ("AutoIAFNormal(2)", lambda m: AutoIAFNormal(m, num_transforms=2)),
     ),
     (
