@@ -3,8 +3,10 @@
 Guides (float32, a model ``z ~ N(0, I_D)`` whose own cost is negligible):
 
 * ``flow`` — ``AutoFlowGuide(model)`` with its defaults (four IAF layers, diagonal base);
-* ``flow-full`` — :func:`pyroflows.vi.default_guide`, the guide ``VI`` fits
-  (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``);
+* ``flow-full`` — :func:`pyroflows.vi.default_guide` with its full-rank base
+  (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``), the guide ``VI`` fits
+  up to ``max_hessian_dim`` (2,000) latents; above that ``VI`` fits the same guide with a
+  diagonal base, i.e. the ``flow`` row;
 * ``pyro-mvn`` — Pyro's ``AutoMultivariateNormal``;
 * ``pyro-iaf`` — Pyro's ``AutoIAFNormal`` (one ``affine_autoregressive`` layer, hidden
   ``[3D + 1]``).

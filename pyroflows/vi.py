@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor
+from torch.distributions import biject_to
 
 from pyroflows._arviz import smooth_log_weights
 from pyroflows._mode import Mode, find_mode, laplace_factor
@@ -344,9 +346,24 @@ def _check_nonneg_int(name: str, value: object) -> int:
     return value
 
 
-def default_guide(model: Callable) -> AutoFlowGuide:
-    """The guide :class:`VI` fits when none is given: four IAF layers and a full-rank base."""
-    return AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")
+def default_guide(model: Callable, base: str = "full") -> AutoFlowGuide:
+    """The guide :class:`VI` fits when none is given: four IAF layers and a full-rank base
+    (``base="diagonal"`` above ``max_hessian_dim`` latents, where no Laplace factor is
+    computed and a ``D x D`` base would dominate the memory and time of every step)."""
+    return AutoFlowGuide(model, flow="iaf", num_flows=4, base=base)
+
+
+def unconstrained_dim(model: Callable, args: tuple, kwargs: dict) -> int:
+    """Number of unconstrained latent coordinates of one trace of ``model`` (no guide built)."""
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return sum(
+        biject_to(site["fn"].support).inv(site["value"]).numel()
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("is_auxiliary", False)
+    )
 
 
 class VI:
@@ -370,7 +387,9 @@ class VI:
     Args:
         model: A Pyro model with continuous latent sites.
         guide: An autoguide for ``model``; default :func:`default_guide`
-            (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``).
+            (``AutoFlowGuide(model, flow="iaf", num_flows=4, base="full")``, with
+            ``base="diagonal"`` when the model has more than ``max_hessian_dim``
+            unconstrained latent coordinates).
         num_particles: Draws per gradient estimate.
         loss: The objective: ``"elbo"`` (the default), ``"stl"`` (sticking the landing),
             ``"iwae"`` or ``"dreg"`` (the importance-weighted bound with ``num_particles``
@@ -458,6 +477,7 @@ class VI:
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model; got {type(model).__name__}")
+        self._default_guide = guide is None
         guide = default_guide(model) if guide is None else guide
         if not isinstance(guide, AutoGuide):
             raise TypeError(
@@ -495,6 +515,9 @@ class VI:
         if self.seed is not None:
             pyro.set_rng_seed(self.seed)
         self._args, self._kwargs = args, kwargs
+        if self._default_guide and self.guide.prototype_trace is None:
+            if unconstrained_dim(self.model, args, kwargs) > self.max_hessian_dim:
+                self.guide = default_guide(self.model, base="diagonal")
         trace = prototype_trace(self.model, self.guide, args, kwargs)
         self.log_density = LogDensity(self.model, trace, args, kwargs)
         self._target = make_target(self.guide, args, kwargs)
