@@ -564,15 +564,17 @@ def test_fallback_objective_runs_only_when_no_fit_is_usable() -> None:
         pyro.sample("z", dist.MultivariateNormal(torch.zeros(2), cov))
 
     runs = {}
-    for fallback in ("stl", None):
+    for fallback, max_hessian_dim in (("stl", 2000), (None, 2000), ("stl", 1)):
         pyro.clear_param_store()
         vi = VI(target, AutoDiagonalNormal(target), fallback_loss=fallback, seed=0,
-                progress_bar=False, **QUICK)  # fmt: skip
+                max_hessian_dim=max_hessian_dim, progress_bar=False, **QUICK)  # fmt: skip
         with pytest.warns(UserWarning, match="k-hat"):
             vi.run()
-        runs[fallback] = vi.diagnostics()["restarts"]
-    assert [f["objective"] for f in runs["stl"]] == ["elbo", "stl"]
-    assert [f["objective"] for f in runs[None]] == ["elbo"]
+        runs[fallback, max_hessian_dim] = vi.diagnostics()["restarts"]
+    assert [f["objective"] for f in runs["stl", 2000]] == ["elbo", "stl"]
+    assert [f["objective"] for f in runs[None, 2000]] == ["elbo"]
+    assert [f["objective"] for f in runs["stl", 1]] == ["elbo"]  # too large a problem
+    runs["stl"] = runs["stl", 2000]
     assert runs["stl"][0]["khat"] >= 0.7
 
 
