@@ -31,6 +31,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -356,7 +357,7 @@ def default_guide(model: Callable, base: str = "full") -> AutoFlowGuide:
 def unconstrained_dim(model: Callable, args: tuple, kwargs: dict) -> int:
     """Number of unconstrained latent coordinates of one trace of ``model`` (no guide built)."""
     with torch.no_grad(), poutine.block():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
+        trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
     return sum(
         biject_to(site["fn"].support).inv(site["value"]).numel()
         for site in trace.nodes.values()

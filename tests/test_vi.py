@@ -584,7 +584,9 @@ def test_default_guide_has_a_diagonal_base_above_max_hessian_dim() -> None:
 
     def model() -> None:
         pyro.sample("x", dist.Normal(torch.zeros(3, dtype=F64), 1.0).to_event(1))
-        pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=F64)))
+        s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=F64)))
+        with pyro.plate("data", 2):  # a plate's subsample site is not a latent
+            pyro.sample("y", dist.Normal(0.0, s), obs=torch.tensor([1.0, -1.0], dtype=F64))
 
     assert pyroflows.vi.unconstrained_dim(model, (), {}) == 4
     small = VI(model, max_hessian_dim=4, progress_bar=False, seed=0, **QUICK).run()
