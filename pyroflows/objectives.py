@@ -210,8 +210,8 @@ def _one_pass(
     nesting: int,
     needs: tuple[bool, bool],
 ) -> LogWeights:
-    """Trace ``num_particles`` draws under one particle plate (``num_particles=1`` and no
-    plate when the caller loops) and score them."""
+    """Trace ``num_particles`` draws under one particle plate and score them
+    (``num_particles=0``: one draw without the plate, for callers that loop)."""
     if num_particles > 0:
         plate = pyro.plate(_PARTICLES, num_particles, dim=-nesting - 1)
         model, guide = plate(model), plate(guide)
