@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -14,6 +15,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import PyroParam
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine import Trace
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
@@ -97,6 +99,27 @@ def _set_constrained(module: nn.Module, name: str, value: Tensor) -> None:
     raw.data.copy_(torch.distributions.transform_to(constraint).inv(value))
 
 
+def _fullname(prefix: str, name: str) -> str:
+    """The param-store name of attribute ``name`` of the PyroModule named ``prefix``."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _adopt(store: Any, fullname: str, stored: Tensor, current: Tensor) -> nn.Parameter:
+    """The store's tensor for a parameter, as an ``nn.Parameter`` (written back if converted,
+    as ``PyroModule`` does: a store loaded from a file holds plain tensors)."""
+    if stored.shape != current.shape:
+        raise ValueError(
+            f"Pyro's param store holds {fullname!r} with shape {tuple(stored.shape)}, but the "
+            f"guide's parameter has shape {tuple(current.shape)}: a leftover of another guide "
+            "of the same name. Call pyro.clear_param_store() before creating this guide."
+        )
+    if not isinstance(stored, nn.Parameter):
+        stored = nn.Parameter(stored)
+        store._params[fullname] = stored
+        store._param_to_name[stored] = fullname
+    return stored
+
+
 class AutoFlowGuide(AutoContinuous):
     r"""Normalizing-flow autoguide :math:`z = \mu + L\, f_K \circ \dots \circ f_1(\epsilon)`.
 
@@ -120,10 +143,16 @@ class AutoFlowGuide(AutoContinuous):
     :meth:`sample_posterior`), on the device and dtype of the model's tensors; ``guide.to``
     moves all of them. Before the first call there is nothing to move: ``guide.to("meta")``
     then ``guide()`` creates them on the model's device, as for Pyro's ``AutoNormal``. After
-    it, a move that replaces the parameter objects (``"meta"``; a dtype change keeps them) is
-    undone on the next call for ``scale`` and ``scale_tril`` by Pyro's param store, as for
-    every ``AutoNormal`` parameter, but not for ``loc`` and the flows, and that call fails
-    (``tests/test_large_d.py``).
+    it, every parameter lives in Pyro's param store as every ``AutoNormal`` parameter does:
+    ``PyroModule`` re-reads ``scale`` and ``scale_tril`` from it on each call, and each call
+    points ``loc`` and the flows' parameters at the store's tensors too. So a move that
+    replaces the parameter objects (``"meta"``; a dtype change keeps them) is undone
+    on the next call, with the buffers it replaced (MADE masks, permutations, the
+    preconditioner); if the store was cleared in between, the guide stays where it was moved,
+    as ``AutoNormal`` does (``tests/test_large_d.py``). As for ``AutoNormal``, a guide of the
+    same name (a second one, a deep copy, a ``torch.load``-ed one) takes the store's values
+    on its first call; ``pyro.clear_param_store()`` first to avoid it. A store entry of
+    another shape raises ``ValueError``.
 
     The default IAF layers keep Pyro's MADE width :math:`3D + 1` up to D = 100 and hold it at
     301 above (:func:`~pyroflows.transforms.made.default_hidden_dim`), so their size grows
@@ -294,6 +323,75 @@ class AutoFlowGuide(AutoContinuous):
         if self.base == "full":
             _set_constrained(self, "scale_tril", torch.eye(d).to(self.loc))
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> AutoFlowGuide:
+        # .to() / .double() replace the buffers; remember the ones they replaced until the
+        # next call, which puts them back if the param store undoes the move of the
+        # parameters (see _sync_with_param_store)
+        moved = self.__dict__.get("_moved_buffers") or {}
+        before = dict(self.named_buffers())
+        out = super()._apply(fn, *args, **kwargs)
+        for name, buf in self.named_buffers():
+            old = moved[name][0] if name in moved else before.get(name)
+            if old is not None and buf is not old:
+                moved[name] = (old, buf)
+        self.__dict__["_moved_buffers"] = moved
+        return out
+
+    def _store_entries(self) -> list[tuple[nn.Module, str, str]]:
+        """``(owner, attribute, param-store name)`` of ``loc`` and of every flow parameter.
+
+        The names are the ones ``PyroModule`` registers them under (``pyro.module`` for the
+        flows); the list is rebuilt when the guide's name or its flow stack changes.
+        """
+        flows = self._modules["flows"]
+        cached = self.__dict__.get("_store_entries_cache")
+        if cached is not None and cached[0] == self._pyro_name and cached[1] is flows:
+            return cached[2]
+        entries = [(self, "loc", _fullname(self._pyro_name, "loc"))]
+        flows_name = _fullname(self._pyro_name, "flows")
+        for name, _ in flows.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            entries.append(
+                (flows.get_submodule(owner), attr, param_with_module_name(flows_name, name))
+            )
+        self.__dict__["_store_entries_cache"] = (self._pyro_name, flows, entries)
+        return entries
+
+    def _sync_with_param_store(self) -> None:
+        """Use the param store's tensors for ``loc`` and the flows, as ``PyroModule`` does for
+        ``scale`` and ``scale_tril`` (``PyroParam`` attributes).
+
+        Inside a call (an active ``PyroModule`` context, global param store) a parameter whose
+        store entry is another tensor is replaced by that entry: after ``guide.to("meta")``
+        the store still holds the old tensors, so the move is undone, and the buffers it
+        replaced (MADE masks, permutations, the preconditioner) go back too. A no-op costing
+        one dict look-up per parameter otherwise.
+        """
+        if not self._pyro_context.active or pyro.settings.get("module_local_params"):
+            return
+        store = pyro.get_param_store()
+        restored = False
+        for owner, attr, fullname in self._store_entries():
+            stored = store._params.get(fullname)
+            current = owner._parameters.get(attr)
+            if stored is not None and stored is not current and current is not None:
+                owner._parameters[attr] = _adopt(store, fullname, stored, current)
+                restored = True
+        moved = self.__dict__.pop("_moved_buffers", None)
+        if restored:
+            self._restore_buffers(moved or {})
+            for module in self._modules["flows"].modules():  # caches keyed on the old ones
+                if hasattr(module, "_forget"):
+                    module._forget()
+
+    def _restore_buffers(self, moved: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Put back the buffers that a move replaced, where the move's buffer is still there."""
+        for name, (old, new) in moved.items():
+            prefix, _, key = name.rpartition(".")
+            owner = self.get_submodule(prefix)
+            if owner._buffers.get(key) is new:
+                owner._buffers[key] = old
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # a preconditioned guide's state loads into a fresh guide of the same configuration
         for name in ("precond_loc", "precond_scale_tril"):
@@ -308,10 +406,12 @@ class AutoFlowGuide(AutoContinuous):
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
         r"""The flows, the learnable affine map :math:`\mu + L\,\cdot` and the preconditioner."""
+        self._sync_with_param_store()
         return dist.transforms.ComposeTransform(self._parts())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
+        self._sync_with_param_store()
         return dist.TransformedDistribution(self.get_base_dist(), self._parts())
 
     def _ensure_prototype(self, *args: Any, **kwargs: Any) -> None:

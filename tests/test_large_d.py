@@ -88,25 +88,44 @@ def test_to_meta_before_the_first_call_then_call_works_as_for_autonormal(base):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="needs a change in AutoFlowGuide outside pyroflows/transforms (see the issue 18 "
-    "Scale report): after a first call, Pyro's param store restores the PyroParams scale and "
-    "scale_tril to their old device on the next call (as it does for every AutoNormal "
-    "parameter), but not the plain parameters loc and the flows, which stay on meta",
-)
-def test_to_meta_after_the_first_call_then_call_works_as_for_autonormal():
+@pytest.mark.parametrize("base", ["diagonal", "full"])
+def test_to_meta_after_the_first_call_then_call_works_as_for_autonormal(base):
     """AutoNormal: its parameters come back from the param store, the call returns CPU
-    samples. AutoFlowGuide today: loc and the flows stay on meta, scale comes back: the
-    call fails (``Tensor.item() cannot be called on meta tensors``)."""
+    samples. AutoFlowGuide: ``loc`` and the flows' parameters come back from the store too,
+    and the buffers the move replaced (MADE masks and permutation, the preconditioner) with
+    them: the guide is the one before the move, and trains on."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
+    from pyro.optim import Adam
 
     from pyroflows import AutoFlowGuide
 
     expected = _call_after_to_meta(AutoNormal, call_first=True)
     assert {v.device.type for v in expected.values()} == {"cpu"}
-    ours = _call_after_to_meta(AutoFlowGuide, call_first=True)
+    ours = _call_after_to_meta(lambda m: AutoFlowGuide(m, base=base), call_first=True)
     assert {k: (v.shape, v.device) for k, v in ours.items()} == {
         k: (v.shape, v.device) for k, v in expected.items()
     }
+
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(_tiny_model, base=base)
+    guide()
+    guide.precondition(torch.ones(3), torch.eye(3) * 2)
+    state = {k: v.clone() for k, v in guide.state_dict().items()}
+    z = torch.randn(5, 3)
+    log_q = guide.get_posterior().log_prob(z).detach()
+    guide.to("meta")
+    guide()
+    assert {k: (v.device, v.dtype) for k, v in guide.state_dict().items()} == {
+        k: (v.device, v.dtype) for k, v in state.items()
+    }
+    torch.testing.assert_close(guide.state_dict(), state, rtol=0, atol=0)
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), log_q, rtol=0, atol=0)
+    store = pyro.get_param_store()
+    for name in ("loc", "flows$$$0.made.layers.0.weight"):
+        param = guide.get_parameter(name.replace("$$$", "."))
+        assert store._params[f"AutoFlowGuide.{name}"] is param  # what the optimizer steps
+    SVI(_tiny_model, guide, Adam({"lr": 0.1}), Trace_ELBO()).step()
+    assert not torch.equal(guide.loc, state["loc"])
+    assert not torch.equal(guide.get_posterior().log_prob(z), log_q)  # no stale flow cache
