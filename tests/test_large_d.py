@@ -59,8 +59,9 @@ def _tiny_model():
     pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
 
 
-def _call_after_to_meta(make_guide, call_first: bool) -> dict:
-    """Samples of ``guide()`` after ``guide.to("meta")`` (optionally after a first call)."""
+def _call_after_to_meta(make_guide, call_first: bool, clear_store: bool = False) -> dict:
+    """Samples of ``guide()`` after ``guide.to("meta")`` (optionally after a first call, and
+    optionally with Pyro's param store cleared between the move and the call)."""
     import pyro
 
     pyro.clear_param_store()
@@ -68,6 +69,8 @@ def _call_after_to_meta(make_guide, call_first: bool) -> dict:
     if call_first:
         guide()
     guide.to("meta")
+    if clear_store:
+        pyro.clear_param_store()
     return guide()
 
 
@@ -129,3 +132,40 @@ def test_to_meta_after_the_first_call_then_call_works_as_for_autonormal(base):
     SVI(_tiny_model, guide, Adam({"lr": 0.1}), Trace_ELBO()).step()
     assert not torch.equal(guide.loc, state["loc"])
     assert not torch.equal(guide.get_posterior().log_prob(z), log_q)  # no stale flow cache
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation", "no-validation"])
+def test_to_meta_then_clear_param_store_then_call_is_as_for_autonormal(validate):
+    """With the param store cleared after the move there is nothing to undo it: the guide
+    stays on meta, for AutoNormal and AutoFlowGuide alike. With Pyro's validation on, both
+    calls fail on the meta tensors; with it off, both return meta samples."""
+    import pyro
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyroflows import AutoFlowGuide
+
+    def outcome(make_guide):
+        with pyro.validation_enabled(validate):
+            try:
+                out = _call_after_to_meta(make_guide, call_first=True, clear_store=True)
+            except RuntimeError as e:
+                return "meta" in str(e)
+        return {k: (v.shape, v.device) for k, v in out.items()}
+
+    expected = outcome(AutoNormal)
+    assert expected == (True if validate else {"x": (torch.Size([3]), torch.device("meta"))})
+    assert outcome(AutoFlowGuide) == expected
+
+
+def test_param_store_leftover_of_another_shape_is_a_clear_error():
+    """The flows take their parameters from the store as ``loc`` and ``scale`` do; a store
+    entry of another shape (a guide of the same name with another flow width) is reported."""
+    import pyro
+
+    from pyroflows import AutoFlowGuide
+
+    pyro.clear_param_store()
+    AutoFlowGuide(_tiny_model, num_flows=1, hidden_dims=[5])()
+    guide = AutoFlowGuide(_tiny_model, num_flows=1, hidden_dims=[7])
+    with pytest.raises(ValueError, match=r"flows\$\$\$0.*clear_param_store"):
+        guide()
