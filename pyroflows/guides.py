@@ -104,22 +104,6 @@ def _fullname(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _adopt(store: Any, fullname: str, stored: Tensor, current: Tensor) -> nn.Parameter:
-    """The store's tensor for a parameter, as an ``nn.Parameter`` (written back if converted,
-    as ``PyroModule`` does: a store loaded from a file holds plain tensors)."""
-    if stored.shape != current.shape:
-        raise ValueError(
-            f"Pyro's param store holds {fullname!r} with shape {tuple(stored.shape)}, but the "
-            f"guide's parameter has shape {tuple(current.shape)}: a leftover of another guide "
-            "of the same name. Call pyro.clear_param_store() before creating this guide."
-        )
-    if not isinstance(stored, nn.Parameter):
-        stored = nn.Parameter(stored)
-        store._params[fullname] = stored
-        store._param_to_name[stored] = fullname
-    return stored
-
-
 class AutoFlowGuide(AutoContinuous):
     r"""Normalizing-flow autoguide :math:`z = \mu + L\, f_K \circ \dots \circ f_1(\epsilon)`.
 
@@ -143,16 +127,12 @@ class AutoFlowGuide(AutoContinuous):
     :meth:`sample_posterior`), on the device and dtype of the model's tensors; ``guide.to``
     moves all of them. Before the first call there is nothing to move: ``guide.to("meta")``
     then ``guide()`` creates them on the model's device, as for Pyro's ``AutoNormal``. After
-    it, every parameter lives in Pyro's param store as every ``AutoNormal`` parameter does:
-    ``PyroModule`` re-reads ``scale`` and ``scale_tril`` from it on each call, and each call
-    points ``loc`` and the flows' parameters at the store's tensors too. So a move that
-    replaces the parameter objects (``"meta"``; a dtype change keeps them) is undone
-    on the next call, with the buffers it replaced (MADE masks, permutations, the
-    preconditioner); if the store was cleared in between, the guide stays where it was moved,
-    as ``AutoNormal`` does (``tests/test_large_d.py``). As for ``AutoNormal``, a guide of the
-    same name (a second one, a deep copy, a ``torch.load``-ed one) takes the store's values
-    on its first call; ``pyro.clear_param_store()`` first to avoid it. A store entry of
-    another shape raises ``ValueError``.
+    it, a move that replaces the parameter objects (``"meta"``; a dtype change keeps them)
+    is undone on the next call, as for ``AutoNormal``, whose parameters Pyro's param store
+    restores: while the store still holds the replaced parameters, they come back, with the
+    buffers the move replaced (MADE masks, permutations, the preconditioner). If the store
+    was cleared in between, the guide stays where it was moved, as ``AutoNormal`` does
+    (``tests/test_large_d.py``).
 
     The default IAF layers keep Pyro's MADE width :math:`3D + 1` up to D = 100 and hold it at
     301 above (:func:`~pyroflows.transforms.made.default_hidden_dim`), so their size grows
@@ -324,73 +304,63 @@ class AutoFlowGuide(AutoContinuous):
             _set_constrained(self, "scale_tril", torch.eye(d).to(self.loc))
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> AutoFlowGuide:
-        # .to() / .double() replace the buffers; remember the ones they replaced until the
-        # next call, which puts them back if the param store undoes the move of the
-        # parameters (see _sync_with_param_store)
-        moved = self.__dict__.get("_moved_buffers") or {}
-        before = dict(self.named_buffers())
+        # .to("meta") replaces the parameter and buffer objects: remember the replaced ones
+        # until the next call, which puts them back if the param store still holds them
+        # (_undo_move); earlier moves that replaced no parameter (dtype changes) are kept
+        before = self._named_tensors()
+        moved = self.__dict__.get("_moved") or {}
+        if not moved.keys() & dict(self.named_parameters()).keys():
+            moved = {}
         out = super()._apply(fn, *args, **kwargs)
-        for name, buf in self.named_buffers():
+        for name, tensor in self._named_tensors().items():
             old = moved[name][0] if name in moved else before.get(name)
-            if old is not None and buf is not old:
-                moved[name] = (old, buf)
-        self.__dict__["_moved_buffers"] = moved
+            if old is not None and tensor is not old:
+                moved[name] = (old, tensor)
+        self.__dict__["_moved"] = moved
         return out
 
-    def _store_entries(self) -> list[tuple[nn.Module, str, str]]:
-        """``(owner, attribute, param-store name)`` of ``loc`` and of every flow parameter.
+    def _named_tensors(self) -> dict[str, Tensor]:
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
 
-        The names are the ones ``PyroModule`` registers them under (``pyro.module`` for the
-        flows); the list is rebuilt when the guide's name or its flow stack changes.
+    def _store_name(self, name: str) -> str:
+        """The param-store name ``PyroModule`` registers parameter ``name`` under."""
+        head, _, rest = name.partition(".")
+        if head == "flows" and rest:  # pyro.module("AutoFlowGuide.flows", flows)
+            return param_with_module_name(_fullname(self._pyro_name, "flows"), rest)
+        if head.endswith("_unconstrained") and head[: -len("_unconstrained")] in self._pyro_params:
+            head = head[: -len("_unconstrained")]  # a PyroParam: the store holds this tensor
+        return _fullname(self._pyro_name, head)
+
+    def _undo_move(self) -> None:
+        """Undo a move that replaced the parameters if the param store still holds them.
+
+        Inside a call (an active ``PyroModule`` context, global param store) ``PyroModule``
+        re-reads ``scale`` and ``scale_tril`` (``PyroParam`` attributes) from the store, as
+        every ``AutoNormal`` parameter, which undoes ``guide.to("meta")``; this does the same
+        for ``loc``, the flows and the buffers the move replaced (MADE masks, permutations,
+        the preconditioner), but only with the guide's own tensors: the store's entries must
+        be the replaced parameters themselves. One dict look-up when nothing was moved.
         """
-        flows = self._modules["flows"]
-        cached = self.__dict__.get("_store_entries_cache")
-        if cached is not None and cached[0] == self._pyro_name and cached[1] is flows:
-            return cached[2]
-        entries = [(self, "loc", _fullname(self._pyro_name, "loc"))]
-        flows_name = _fullname(self._pyro_name, "flows")
-        for name, _ in flows.named_parameters():
-            owner, _, attr = name.rpartition(".")
-            entries.append(
-                (flows.get_submodule(owner), attr, param_with_module_name(flows_name, name))
-            )
-        self.__dict__["_store_entries_cache"] = (self._pyro_name, flows, entries)
-        return entries
-
-    def _sync_with_param_store(self) -> None:
-        """Use the param store's tensors for ``loc`` and the flows, as ``PyroModule`` does for
-        ``scale`` and ``scale_tril`` (``PyroParam`` attributes).
-
-        Inside a call (an active ``PyroModule`` context, global param store) a parameter whose
-        store entry is another tensor is replaced by that entry: after ``guide.to("meta")``
-        the store still holds the old tensors, so the move is undone, and the buffers it
-        replaced (MADE masks, permutations, the preconditioner) go back too. A no-op costing
-        one dict look-up per parameter otherwise.
-        """
-        if not self._pyro_context.active or pyro.settings.get("module_local_params"):
+        moved = self.__dict__.get("_moved")
+        if not moved or not self._pyro_context.active or pyro.settings.get("module_local_params"):
             return
-        store = pyro.get_param_store()
-        restored = False
-        for owner, attr, fullname in self._store_entries():
-            stored = store._params.get(fullname)
-            current = owner._parameters.get(attr)
-            if stored is not None and stored is not current and current is not None:
-                owner._parameters[attr] = _adopt(store, fullname, stored, current)
-                restored = True
-        moved = self.__dict__.pop("_moved_buffers", None)
-        if restored:
-            self._restore_buffers(moved or {})
-            for module in self._modules["flows"].modules():  # caches keyed on the old ones
-                if hasattr(module, "_forget"):
-                    module._forget()
-
-    def _restore_buffers(self, moved: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Put back the buffers that a move replaced, where the move's buffer is still there."""
+        del self.__dict__["_moved"]
+        store, params = pyro.get_param_store()._params, dict(self.named_parameters())
+        held = [
+            (store.get(self._store_name(n)), old) for n, (old, _) in moved.items() if n in params
+        ]
+        held = [(entry, old) for entry, old in held if entry is not None]  # frozen: not stored
+        if not held or any(entry is not old for entry, old in held):  # cleared or refilled
+            return
         for name, (old, new) in moved.items():
             prefix, _, key = name.rpartition(".")
             owner = self.get_submodule(prefix)
-            if owner._buffers.get(key) is new:
-                owner._buffers[key] = old
+            slots = owner._parameters if key in owner._parameters else owner._buffers
+            if slots.get(key) is new:
+                slots[key] = old
+        for module in self._modules["flows"].modules():  # caches keyed on the moved tensors
+            if hasattr(module, "_forget"):
+                module._forget()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # a preconditioned guide's state loads into a fresh guide of the same configuration
@@ -406,12 +376,12 @@ class AutoFlowGuide(AutoContinuous):
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
         r"""The flows, the learnable affine map :math:`\mu + L\,\cdot` and the preconditioner."""
-        self._sync_with_param_store()
+        self._undo_move()
         return dist.transforms.ComposeTransform(self._parts())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        self._sync_with_param_store()
+        self._undo_move()
         return dist.TransformedDistribution(self.get_base_dist(), self._parts())
 
     def _ensure_prototype(self, *args: Any, **kwargs: Any) -> None:
