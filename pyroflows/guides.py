@@ -21,10 +21,21 @@ from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
 
 from pyroflows import transforms as _transforms
+from pyroflows._mode import LowRankAffine, LowRankFactor
 from pyroflows._utils import check_positive_int
 from pyroflows.transforms._base import interleave_permutations
 
 _BASES = ("diagonal", "full")
+
+
+# fixed preconditioner buffers set by AutoFlowGuide.precondition (dense or low-rank factor)
+_PRECOND_BUFFERS = (
+    "precond_loc",
+    "precond_scale_tril",
+    "precond_lowrank_scale",
+    "precond_lowrank_basis",
+    "precond_lowrank_tril",
+)
 
 
 def _check_init_scale(init_scale: object) -> float:
@@ -157,6 +168,9 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: Per-site initialisation of the base mean (Pyro's ``init_to_*``).
         init_scale: Initial standard deviation of the base in unconstrained space.
         base: ``"diagonal"`` or ``"full"`` (lower-Cholesky) affine map of the base.
+        base_df: ``None`` for the standard normal base; a float > 2 for independent
+            Student-t coordinates with these degrees of freedom, scaled to unit variance
+            (:attr:`base_df`), for posteriors with heavier-than-Gaussian tails.
         **flow_kwargs: Passed to every call of the flow factory.
 
     Example:
@@ -190,6 +204,7 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: Callable[[dict], Tensor] = init_to_median,
         init_scale: float = 0.1,
         base: str = "diagonal",
+        base_df: float | None = None,
         **flow_kwargs: Any,
     ) -> None:
         if not callable(model):
@@ -203,8 +218,13 @@ class AutoFlowGuide(AutoContinuous):
         self.num_flows = check_positive_int("num_flows", num_flows)
         self._init_scale = _check_init_scale(init_scale)
         self.base = base
+        self.base_df = base_df
         self._flow_kwargs = dict(flow_kwargs)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        # base_df in state_dict (a float64 scalar, inf for the normal base); reads use the
+        # float mirror set with it, so the hot path never syncs with the device
+        inf = math.inf if base_df is None else float(base_df)
+        self.register_buffer("base_df_value", torch.tensor(inf, dtype=torch.float64))
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -255,9 +275,14 @@ class AutoFlowGuide(AutoContinuous):
     def _parts(self) -> list[Transform]:
         """Flows, the learnable affine map and, if set, the fixed preconditioner."""
         parts = [self.flows, self._affine()]
-        if self.preconditioned:
+        if "precond_scale_tril" in self._buffers:
             pre = dist.transforms.LowerCholeskyAffine(self.precond_loc, self.precond_scale_tril)
             parts.append(pre.with_cache(1))
+        elif self.preconditioned:
+            factor = LowRankFactor(
+                self.precond_lowrank_scale, self.precond_lowrank_basis, self.precond_lowrank_tril
+            )
+            parts.append(LowRankAffine(self.precond_loc, factor, cache_size=1))
         return parts
 
     @property
@@ -266,7 +291,7 @@ class AutoFlowGuide(AutoContinuous):
         return "precond_loc" in self._buffers
 
     @torch.no_grad()
-    def precondition(self, loc: Tensor, scale_tril: Tensor) -> None:
+    def precondition(self, loc: Tensor, scale_tril: Tensor | LowRankFactor) -> None:
         r"""Work in whitened coordinates :math:`z = c + L_0 (\mu + L\, f(\epsilon))`.
 
         Sets a fixed (non-trainable) location :math:`c` and lower-triangular factor
@@ -281,12 +306,17 @@ class AutoFlowGuide(AutoContinuous):
         Args:
             loc: Location :math:`c`, shape ``(latent_dim,)``.
             scale_tril: Lower-triangular :math:`L_0` with a positive diagonal,
-                shape ``(latent_dim, latent_dim)``.
+                shape ``(latent_dim, latent_dim)``, or a structured
+                :class:`~pyroflows._mode.LowRankFactor` (diagonal plus low rank, applied in
+                ``O(DK)``; what :class:`~pyroflows.VI` uses above ``max_hessian_dim``).
         """
         if self.prototype_trace is None:
             raise RuntimeError("call the guide (or VI.run) once before precondition()")
         d = self.latent_dim
         loc = torch.as_tensor(loc).to(self.loc)
+        if isinstance(scale_tril, LowRankFactor):
+            self._precondition_lowrank(loc, scale_tril)
+            return
         scale_tril = torch.as_tensor(scale_tril).to(self.loc)
         if loc.shape != (d,) or scale_tril.shape != (d, d):
             raise ValueError(
@@ -296,8 +326,36 @@ class AutoFlowGuide(AutoContinuous):
         diag = scale_tril.diagonal()
         if not bool(torch.isfinite(scale_tril).all() and (diag > 0).all()):
             raise ValueError("scale_tril must be finite and lower-triangular with diag > 0")
+        for name in _PRECOND_BUFFERS:
+            self._buffers.pop(name, None)
         self.register_buffer("precond_loc", loc.clone())
         self.register_buffer("precond_scale_tril", scale_tril.tril().clone())
+        self._reset_affine()
+
+    def _precondition_lowrank(self, loc: Tensor, factor: LowRankFactor) -> None:
+        d = self.latent_dim
+        scale, basis, tril = (t.to(self.loc) for t in (factor.scale, factor.basis, factor.tril))
+        k = tril.shape[-1]
+        if loc.shape != (d,) or scale.shape != (d,) or basis.shape != (d, k):
+            raise ValueError(
+                f"precondition expects loc ({d},) and a LowRankFactor with scale ({d},) and "
+                f"basis ({d}, K); got {tuple(loc.shape)}, {tuple(scale.shape)} and "
+                f"{tuple(basis.shape)}"
+            )
+        finite = all(bool(torch.isfinite(t).all()) for t in (scale, basis, tril))
+        if not (finite and (scale > 0).all() and (tril.diagonal() > 0).all()):
+            raise ValueError("the LowRankFactor must be finite with positive scale and diagonal")
+        for name in _PRECOND_BUFFERS:
+            self._buffers.pop(name, None)
+        self.register_buffer("precond_loc", loc.clone())
+        self.register_buffer("precond_lowrank_scale", scale.clone())
+        self.register_buffer("precond_lowrank_basis", basis.clone())
+        self.register_buffer("precond_lowrank_tril", tril.tril().clone())
+        self._reset_affine()
+
+    def _reset_affine(self) -> None:
+        """The learnable map back to the identity (``loc = 0``, unit scales)."""
+        d = self.latent_dim
         self.loc.zero_()
         _set_constrained(self, "scale", torch.ones_like(self.loc))
         if self.base == "full":
@@ -363,16 +421,67 @@ class AutoFlowGuide(AutoContinuous):
                 module._forget()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # a preconditioned guide's state loads into a fresh guide of the same configuration
-        for name in ("precond_loc", "precond_scale_tril"):
+        # a preconditioned guide's state loads into a fresh guide of the same configuration,
+        # and replaces a preconditioner of the other kind (dense or low-rank)
+        if prefix + "precond_loc" in state_dict:
+            for name in _PRECOND_BUFFERS:
+                if prefix + name not in state_dict:
+                    self._buffers.pop(name, None)
+        for name in _PRECOND_BUFFERS:
             if prefix + name in state_dict and name not in self._buffers:
                 self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+        # a state saved before base_df existed is a normal-base guide
+        normal = torch.tensor(math.inf, dtype=torch.float64)
+        state_dict.setdefault(prefix + "base_df_value", normal)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        value = self._buffers["base_df_value"]
+        if value.device.type != "meta":
+            df = float(value)
+            self.__dict__["_base_df"] = None if math.isinf(df) else df
+
+    @property
+    def base_df(self) -> float | None:
+        r"""Degrees of freedom of a Student-t base (``None``: the standard normal base).
+
+        Each base coordinate is :math:`\epsilon_i \sim t_\nu(0, \sqrt{(\nu - 2)/\nu})`,
+        which has unit variance, so the affine map keeps the meaning it has for the normal
+        base (the Laplace start of :class:`~pyroflows.VI` included) and only the tails
+        change: polynomial, with tail index :math:`\nu`, instead of Gaussian. Flows whose
+        layers are affine far out (IAF, coupling, Sylvester) cannot change a base's tail
+        class (Jaini et al. 2020), so this is what lets the guide cover exponential or
+        polynomial posterior tails (:func:`~pyroflows.vi.choose_tails`). Saved in
+        ``state_dict`` (the buffer ``base_df_value``, ``inf`` for the normal base) and
+        settable at any time.
+        """
+        return self._base_df
+
+    @base_df.setter
+    def base_df(self, value: float | None) -> None:
+        ok = value is None or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 2
+        )
+        if not ok:
+            raise ValueError(
+                f"base_df must be None (normal base) or a finite float > 2 (Student-t "
+                f"degrees of freedom with a finite variance); got {value!r}"
+            )
+        self.__dict__["_base_df"] = None if value is None else float(value)
+        buffers = self.__dict__.get("_buffers", {})
+        if "base_df_value" in buffers:
+            buffers["base_df_value"].fill_(math.inf if value is None else float(value))
 
     def get_base_dist(self) -> dist.Distribution:
-        """The standard normal :math:`N(0, I_D)` that the flows and the affine map push."""
+        """The base that the flows and the affine map push: :math:`N(0, I_D)`, or unit-variance
+        Student-t coordinates if :attr:`base_df` is set."""
         zero = torch.zeros_like(self.loc)
-        return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+        if self._base_df is None:
+            return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+        df = self._base_df
+        scale = torch.full_like(zero, math.sqrt((df - 2.0) / df))
+        return dist.StudentT(torch.full_like(zero, df), zero, scale).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
         r"""The flows, the learnable affine map :math:`\mu + L\,\cdot` and the preconditioner."""

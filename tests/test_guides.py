@@ -376,3 +376,55 @@ def test_failed_setup_can_be_retried(model, flow, match):
     for _ in range(2):  # the prototype is not left half-built: the second call fails the same
         with pytest.raises((ValueError, TypeError), match=match):
             guide(YBAR) if model is conjugate_model else guide()
+
+
+# ---------------------------------------------------------------- Student-t base (base_df)
+def _t_model() -> None:
+    pyro.sample("x", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+
+def test_base_df_gives_unit_variance_student_t_coordinates_and_exact_log_prob():
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(_t_model, num_flows=2, base="full", base_df=5.0)
+    guide()
+    base = guide.get_base_dist()
+    assert isinstance(base.base_dist, dist.StudentT) and base.event_shape == (3,)
+    assert torch.allclose(base.base_dist.variance, torch.ones(3, dtype=torch.float64))
+    # q is the push-forward of the t base: log q(z) = log t(eps) - log|det J(eps)|
+    with torch.no_grad():
+        guide.loc.copy_(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    q = guide.get_posterior()
+    z = q.sample((7,))
+    eps = guide.get_transform().inv(z)
+    manual = base.log_prob(eps) - guide.get_transform().log_abs_det_jacobian(eps, z)
+    assert torch.allclose(q.log_prob(z), manual, atol=1e-10)
+    nu, s = 5.0, math.sqrt(3.0 / 5.0)
+    by_hand = dist.StudentT(nu, 0.0, s).log_prob(eps).sum(-1)
+    assert torch.allclose(base.log_prob(eps), by_hand, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [2.0, 1, -3.0, float("inf"), float("nan"), True, "5"])
+def test_base_df_is_checked(bad):
+    with pytest.raises(ValueError, match="base_df"):
+        AutoFlowGuide(_t_model, base_df=bad)
+    guide = AutoFlowGuide(_t_model)
+    with pytest.raises(ValueError, match="base_df"):
+        guide.base_df = bad
+
+
+def test_base_df_round_trips_through_state_dict_and_old_states_load():
+    pyro.clear_param_store()
+    guide = AutoFlowGuide(_t_model, num_flows=2, base_df=7.0)
+    guide()
+    state = guide.state_dict()
+    pyro.clear_param_store()
+    fresh = AutoFlowGuide(_t_model, num_flows=2)
+    fresh()
+    fresh.load_state_dict(state)
+    assert fresh.base_df == 7.0
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # a state saved before base_df existed (no base_df_value) is a normal-base guide
+    old = {k: v for k, v in state.items() if k != "base_df_value"}
+    fresh.load_state_dict(old)
+    assert fresh.base_df is None
+    assert isinstance(fresh.get_base_dist().base_dist, dist.Normal)
