@@ -14,6 +14,7 @@ start it at a Laplace approximation in whitened coordinates, and snapshots of it
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pyro.distributions as dist
@@ -26,7 +27,8 @@ from pyro.infer.autoguide import (
 )
 from torch import Tensor, nn
 
-from pyroflows.guides import AutoFlowGuide, _set_constrained
+from pyroflows._mode import LowRankFactor
+from pyroflows.guides import _PRECOND_BUFFERS, AutoFlowGuide, _set_constrained
 
 
 class Target:
@@ -46,8 +48,13 @@ class Target:
     def params(self) -> list[Tensor]:
         return [p for p in self.module().parameters() if p.requires_grad]
 
-    def state(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.module().state_dict().items()}
+    def state(self) -> dict[str, Any]:
+        """A copy of the module's ``state_dict`` (tensors cloned, any non-tensor extra state
+        deep-copied)."""
+        return {
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in self.module().state_dict().items()
+        }
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.module().load_state_dict(state)
@@ -55,7 +62,8 @@ class Target:
     def start(self, center: Tensor | None, factor: Tensor | None, hessian: Tensor | None) -> bool:
         """Start at ``N(center, factor factorᵀ)`` in whitened coordinates, if supported.
 
-        ``factor`` is lower triangular ``(D, D)`` (the Laplace factor) or a diagonal ``(D,)``;
+        ``factor`` is lower triangular ``(D, D)`` (the Laplace factor), a diagonal ``(D,)`` or
+        a :class:`~pyroflows._mode.LowRankFactor` (from the L-BFGS history);
         ``hessian`` is the potential's Hessian at ``center`` where known. Returns whether
         the guide now works in whitened coordinates.
         """
@@ -85,7 +93,7 @@ class FlowTarget(Target):
         return self.guide.get_posterior()
 
     def load(self, state: dict[str, Tensor]) -> None:
-        for name in ("precond_loc", "precond_scale_tril"):  # a state from before precondition
+        for name in _PRECOND_BUFFERS:  # a state from before precondition (or another kind)
             if name not in state:
                 self.guide._buffers.pop(name, None)
         self.guide.load_state_dict(state)
@@ -97,7 +105,7 @@ class FlowTarget(Target):
             with torch.no_grad():
                 self.guide.loc.copy_(center)
             return False
-        if factor.dim() == 1:
+        if isinstance(factor, Tensor) and factor.dim() == 1:
             factor = torch.diag(factor)
         self.guide.precondition(center, factor)
         _cancel_flow_init(self.guide)
@@ -149,6 +157,9 @@ class GaussianTarget(Target, nn.Module):
     def start(self, center: Tensor | None, factor: Tensor | None, hessian: Tensor | None) -> bool:
         if center is None or factor is None:
             return False
+        if isinstance(factor, LowRankFactor):  # dense for a full guide (it is D x D anyway)
+            full = torch.linalg.cholesky(factor.covariance()) if self.full else None
+            factor = full if self.full else factor.precision_diagonal().rsqrt()
         with torch.no_grad():
             self.center.copy_(center)
             if self.full:
