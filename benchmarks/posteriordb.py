@@ -339,7 +339,9 @@ def vi_row(label: str, make, model, data, args) -> dict:
         vi.run(**data)
     d = vi.diagnostics()
     note = ("converged" if d["converged"] else "NOT converged") + f", lr {d['step_size']:g}"
-    note += ", Laplace start" if d["init"].startswith("Laplace") else ", no mode"
+    note += ", Laplace start" if "Laplace" in d["init"] else ", no mode"
+    if d["base_df"] is not None:
+        note += f", Student-t base df {d['base_df']:g}"
     note += f", k-hat(VI) {d['khat']:.2f}"
     if caught:
         note += f", {len(caught)} warning(s)"
@@ -435,7 +437,8 @@ def markdown(results: list, args, total: float) -> str:
         f"{args.num_flows} layers (planar and radial {FLOW_LAYERS['planar']}); AutoIAFNormal "
         "with 2. **VI(...)** rows: `pyroflows.VI(model, guide).run(**data)` with every "
         "default (mode + Laplace start in whitened coordinates, step-size pilots, stopping "
-        "rule, iterate averaging); `VI(flow-X)` is `AutoFlowGuide(model, flow=X, "
+        "rule, iterate averaging, STL fallback fit and Student-t base tails when k-hat >= "
+        "0.7); `VI(flow-X)` is `AutoFlowGuide(model, flow=X, "
         "num_flows=2, base='full')` (planar and radial 8 layers), `VI(default)` is VI's "
         "default guide. *grad evals* counts log-density gradient evaluations (steps x "
         "particles, plus the mode search and Hessians for VI).",
