@@ -236,6 +236,7 @@ class AutoFlowGuide(AutoContinuous):
                 raise
             _check_sites(self.prototype_trace)
             self._create_parameters()
+            self._adopt_stored_flows()
         except Exception:
             self.prototype_trace = None  # a later call runs the whole setup again
             raise
@@ -249,6 +250,44 @@ class AutoFlowGuide(AutoContinuous):
             eye = torch.eye(self.latent_dim, dtype=loc.dtype, device=loc.device)
             self.scale_tril = PyroParam(eye, self.scale_tril_constraint)
         self.flows = self._build_flows(self.latent_dim).to(device=loc.device, dtype=loc.dtype)
+
+    def _adopt_stored_flows(self) -> None:
+        """Take the param store's tensors for flow parameters it already holds.
+
+        The store is Pyro's source of truth: a guide of the same name that finds its
+        ``PyroParam`` entries there (fitted earlier in the session, or loaded with
+        ``pyro.get_param_store().load``) starts from them, as ``AutoNormal`` does. For the
+        flows (an ``nn.Module``, registered with ``pyro.module``) Pyro does not do this, and
+        ``SVI`` would then optimise the store's stale tensors while the flows kept their own,
+        untrained, with no error (Pyro's ``AutoIAFNormal`` trains nothing in that case). So
+        at setup the flows take the stored tensors; one of another shape, dtype or device is a
+        leftover of a different guide, and a ``ValueError`` says to clear the store.
+        """
+        store = pyro.get_param_store()
+        prefix = _fullname(self._pyro_name, "flows")
+        for name, param in list(self.flows.named_parameters()):
+            full = param_with_module_name(prefix, name)
+            stored = store._params.get(full)
+            if stored is None or stored is param:
+                continue
+            if (stored.shape, stored.dtype, stored.device) != (
+                param.shape,
+                param.dtype,
+                param.device,
+            ):
+                raise ValueError(
+                    f"Pyro's param store holds {full!r} with shape {tuple(stored.shape)}, "
+                    f"{stored.dtype} on {stored.device}, but this guide's parameter is "
+                    f"{tuple(param.shape)}, {param.dtype} on {param.device}: a leftover of "
+                    "another guide of the same name. Call pyro.clear_param_store() before "
+                    "creating this guide."
+                )
+            if not isinstance(stored, nn.Parameter):
+                stored = nn.Parameter(stored)
+                store._params[full] = stored
+                store._param_to_name[stored] = full
+            owner, _, attr = name.rpartition(".")
+            self.flows.get_submodule(owner)._parameters[attr] = stored
 
     def _build_flows(self, latent_dim: int) -> ComposeTransformModule:
         """Stack ``num_flows`` layers, reversing the coordinates between layers whose class

@@ -428,3 +428,38 @@ def test_base_df_round_trips_through_state_dict_and_old_states_load():
     fresh.load_state_dict(old)
     assert fresh.base_df is None
     assert isinstance(fresh.get_base_dist().base_dist, dist.Normal)
+
+
+# ---------------------------------------------------------------- a param store from before
+def _store_model(dim: int = 3) -> None:
+    pyro.sample("x", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
+
+
+def test_a_second_guide_of_the_same_name_trains_its_flows():
+    """Without pyro.clear_param_store() between two fits, the second guide takes the store's
+    flow tensors (as its PyroParams do) and trains them; before, SVI optimised the store's
+    stale tensors while the flows kept their own, untrained (16 of 18 parameters)."""
+    pyro.clear_param_store()
+    guides = []
+    for _ in range(2):
+        guide = AutoFlowGuide(_store_model)
+        svi = SVI(_store_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        svi.step()
+        before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+        for _ in range(5):
+            svi.step()
+        unchanged = [n for n, p in guide.named_parameters() if torch.equal(p, before[n])]
+        assert unchanged == [], unchanged
+        guides.append(guide)
+    store = pyro.get_param_store()
+    for name, param in guides[1].flows.named_parameters():
+        assert store._params[f"AutoFlowGuide.flows$$${name}"] is param
+
+
+def test_a_leftover_flow_of_another_shape_is_a_clear_error():
+    pyro.clear_param_store()
+    AutoFlowGuide(_store_model)()
+    with pytest.raises(ValueError, match="clear_param_store"):
+        AutoFlowGuide(functools.partial(_store_model, 5))()
+    pyro.clear_param_store()
+    AutoFlowGuide(functools.partial(_store_model, 5))()  # fine after clearing
