@@ -73,14 +73,20 @@ def evaluate(
 
 
 @torch.no_grad()
-def pair_plot(args: argparse.Namespace, guides: dict, path: str) -> None:
-    """(x_1, v) draws of every guide over exact funnel draws."""
+def guide_draws(guide: Callable[[], dict], num: int = 500) -> dict:
+    """``num`` draws of a fitted guide. Take them right after its fit: the guides here share
+    a name, so the next fit's ``pyro.clear_param_store()`` and training replace the store
+    entries that an earlier guide's ``PyroParam`` scale is read from."""
+    with pyro.plate("draws", num, dim=-1):
+        return guide()
+
+
+def pair_plot(args: argparse.Namespace, draws: dict, path: str) -> None:
+    """(x_1, v) draws of every guide (``label -> guide_draws(...)``) over exact draws."""
     v_true, x_true = exact_draws(2000, args.dim)
-    fig, axes = plt.subplots(1, len(guides), figsize=(3 * len(guides), 3), squeeze=False)
-    for ax, (label, guide) in zip(axes[0], guides.items(), strict=True):
-        with pyro.plate("draws", 500, dim=-1):
-            draws = guide()
-        v, x1 = draws["v"], draws["x"][..., 0]
+    fig, axes = plt.subplots(1, len(draws), figsize=(3 * len(draws), 3), squeeze=False)
+    for ax, (label, d) in zip(axes[0], draws.items(), strict=True):
+        v, x1 = d["v"], d["x"][..., 0]
         ax.scatter(x_true[:, 0], v_true, s=2, c="0.75", label="exact")
         ax.scatter(x1, v, s=2, c="C0", label="guide")
         ax.set(title=label, xlabel="x_1", ylabel="v", xlim=(-20, 20), ylim=(-9, 9))
@@ -97,16 +103,17 @@ def main(args: argparse.Namespace) -> dict:
         funnel(args.dim)
 
     guides = make_guides(args, model)
-    results = {}
+    results, draws = {}, {}
     print(f"{'guide':<28} {'ELBO (= -KL)':>12} {'PSIS k-hat':>10}")
     for label, guide in guides.items():
         fit(args, model, guide)
         pyro.set_rng_seed(args.seed + 1)
         results[label] = evaluate(args, model, guide)
+        draws[label] = guide_draws(guide)
         print(f"{label:<28} {results[label][0]:>12.3f} {results[label][1]:>10.2f}")
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "autoguide_funnel.png")
-    pair_plot(args, guides, path)
+    pair_plot(args, draws, path)
     print(f"pair plot saved to {path}")
     return {"results": results, "plot": path}
 
