@@ -25,9 +25,13 @@ def lu_factors(lower: Tensor, upper: Tensor, diag_raw: Tensor) -> tuple[Tensor, 
     log diag(U). The raw vectors ``(*batch, D(D−1)/2)`` fill the strict triangles."""
     d = diag_raw.shape[-1]
     rows, cols = torch.tril_indices(d, d, -1, device=lower.device)
-    batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], diag_raw.shape[:-1])
     diag = F.softplus(diag_raw + _SHIFT) + DIAG_MIN
     eye = torch.eye(d, dtype=lower.dtype, device=lower.device)
+    if lower.dim() == upper.dim() == diag.dim() == 1:  # one matrix: out-of-place fills
+        # (3 ops instead of 7 and no broadcast_shapes, ~15 us: the cost at small D)
+        l_mat = eye.index_put((rows, cols), lower)
+        return l_mat, torch.diag(diag).index_put((cols, rows), upper), diag.log()
+    batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], diag_raw.shape[:-1])
     l_mat = eye.expand(*batch, d, d).clone()
     l_mat[..., rows, cols] = lower
     u_mat = torch.diag_embed(diag.expand(*batch, d))
