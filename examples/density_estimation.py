@@ -4,9 +4,9 @@ Fits ``TransformedDistribution(N(0, I), flows)`` by minimising ``-log p(x)`` ove
 mini-batches, with early stopping on a validation split (the best validation state is
 kept), then prints the test log-likelihood per family and saves a figure:
 
-(a) ``toy``: two moons in 2-D (standardised); Pyro's ``affine_coupling``,
-    ``spline_coupling`` and ``affine_autoregressive`` (MAF) are fitted with the same
-    budget for comparison. The figure shows each fitted density and its samples.
+(a) ``toy``: two moons in 2-D (standardised); each family's equivalents in Pyro and, if
+    installed, zuko (a benchmark-only dependency) are fitted with the same budget for
+    comparison (``EQUIVALENTS``). The figure shows each fitted density and its samples.
 (b) ``digits``: dequantised digits from static binarized MNIST, each 2x2 block summed
     (14x14 images of 5 grey levels k), dequantised as v = (k + u) / 5 with u ~ U(0, 1) and
     mapped to logit space. The log-likelihood is reported in nats per dimension of v on
@@ -33,16 +33,37 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import pyro.distributions.transforms as T  # noqa: E402
 import torch  # noqa: E402
+from pyro.nn import DenseNN  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from pyroflows.datasets import load_dataset  # noqa: E402
-from pyroflows.transforms import FLOWS, initialize_actnorm  # noqa: E402
+from pyroflows.transforms import FLOWS, LinearLU, initialize_actnorm  # noqa: E402
 from pyroflows.transforms._base import Reverse, interleave_permutations  # noqa: E402
+
+try:  # optional, benchmark-only: its rows are skipped without it
+    import zuko
+except ImportError:
+    zuko = None
 
 ALPHA = 0.05  # logit(ALPHA + (1 - 2 ALPHA) v) keeps the logit finite at v = 0, 1
 TOY_FAMILIES = ["nice", "realnvp", "spline", "maf", "iaf", "glow"]
-PYRO_FAMILIES = ["pyro-affine-coupling", "pyro-spline-coupling", "pyro-maf"]
+# ours -> its equivalents in Pyro and zuko (same widths, K and budget; see ``build``)
+EQUIVALENTS = {
+    "nice": ["pyro-additive-coupling", "zuko-nice"],
+    "realnvp": ["pyro-affine-coupling", "zuko-realnvp"],
+    "spline": ["pyro-spline-coupling", "zuko-nsf"],
+    "maf": ["pyro-maf", "zuko-maf"],
+    "glow": ["pyro-glow"],
+}
+PYRO_FAMILIES = [
+    "pyro-additive-coupling",
+    "pyro-affine-coupling",
+    "pyro-spline-coupling",
+    "pyro-maf",
+    "pyro-glow",
+]
+ZUKO_FAMILIES = ["zuko-nice", "zuko-realnvp", "zuko-nsf", "zuko-maf"]
 DIGIT_FAMILIES = ["nice", "realnvp", "spline", "maf", "glow"]
 
 
@@ -79,33 +100,97 @@ def logit_ladj(y: Tensor) -> Tensor:
     return (math.log(1 - 2 * ALPHA) - torch.log(p) - torch.log1p(-p)).sum(-1)
 
 
+def _pyro_glow_block(dim: int, h2: list[int]) -> list:
+    """Pyro's Glow-like block: ``BatchNorm``, ``GeneralizedChannelPermute`` (a learned 1x1
+    convolution on D channels of a 1x1 image, reshaped in and out), ``affine_coupling``."""
+    image = (dim, 1, 1)
+    return [
+        T.BatchNorm(dim),
+        torch.distributions.ReshapeTransform((dim,), image),
+        T.GeneralizedChannelPermute(channels=dim),
+        torch.distributions.ReshapeTransform(image, (dim,)),
+        T.affine_coupling(dim, hidden_dims=h2),
+    ]
+
+
+class _ShiftOnly(nn.Module):
+    """Pyro's coupling MLP (``DenseNN``) for the shift, and a log-scale of exactly 0: with
+    it ``AffineCoupling`` is NICE's additive coupling. (Clipping the log-scale to [0, 0]
+    is not: Pyro's clamp passes the gradient through, so the unused log-scale outputs
+    would still train the shared hidden layers.)"""
+
+    def __init__(self, dim: int, h2: list[int]) -> None:
+        super().__init__()
+        self.net = DenseNN(dim // 2, h2, param_dims=[dim - dim // 2])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shift = self.net(x)
+        return shift, torch.zeros_like(shift)
+
+
+def _pyro(family: str, dim: int, num_flows: int, h2: list[int]) -> list:
+    if family == "pyro-glow":
+        return [t for _ in range(num_flows) for t in _pyro_glow_block(dim, h2)]
+    make = {
+        "pyro-additive-coupling": lambda: T.AffineCoupling(dim // 2, _ShiftOnly(dim, h2)),
+        "pyro-affine-coupling": lambda: T.affine_coupling(dim, hidden_dims=h2),
+        "pyro-spline-coupling": lambda: T.spline_coupling(dim, hidden_dims=h2),
+        # Pyro's autoregressive transform is IAF-direction: its inverse is the MAF
+        "pyro-maf": lambda: T.affine_autoregressive(dim, hidden_dims=h2).inv,
+    }[family]
+    layers: list = []
+    for k in range(num_flows):
+        layers += [Reverse()] if k else []
+        layers.append(make())
+    return layers
+
+
+def _zuko(family: str, dim: int, num_flows: int, h2: list[int]) -> list:
+    """One zuko ``Flow`` (its own standard normal base), as a one-element list."""
+    opts = {"transforms": num_flows, "hidden_features": h2}
+    flow = {
+        # NICE with additive couplings (zuko's default is affine, i.e. RealNVP)
+        "zuko-nice": lambda: zuko.flows.NICE(
+            dim, univariate=zuko.transforms.AdditiveTransform, shapes=[()], **opts
+        ),
+        "zuko-realnvp": lambda: zuko.flows.RealNVP(dim, **opts),
+        # passes=2: coupling, as ours (at D = 2 it is also the autoregressive NSF)
+        "zuko-nsf": lambda: zuko.flows.NSF(dim, bins=8, passes=2, **opts),
+        "zuko-maf": lambda: zuko.flows.MAF(dim, **opts),
+    }[family]()
+    return [flow]
+
+
 def build(family: str, dim: int, num_flows: int, hidden: int) -> list:
     """The transforms of one model (base side first); parameters via ``nn.ModuleList``."""
     h2 = [hidden, hidden]
     if family.startswith("pyro-"):
-        make = {
-            "pyro-affine-coupling": lambda: T.affine_coupling(dim, hidden_dims=h2),
-            "pyro-spline-coupling": lambda: T.spline_coupling(dim, hidden_dims=h2),
-            # Pyro's autoregressive transform is IAF-direction: its inverse is the MAF
-            "pyro-maf": lambda: T.affine_autoregressive(dim, hidden_dims=h2).inv,
-        }[family]
-        layers: list = []
-        for k in range(num_flows):
-            layers += [Reverse()] if k else []
-            layers.append(make())
-        return layers
+        return _pyro(family, dim, num_flows, h2)
+    if family.startswith("zuko-"):
+        return _zuko(family, dim, num_flows, h2)
     if family == "glow":  # actnorm, invertible linear map, affine coupling
+        # P reverses the coordinates, so consecutive couplings transform alternate halves
+        # from the start (with P = I every coupling would update the same half until L U
+        # learned to mix; Glow starts its 1x1 convolution at a random rotation)
+        reverse = list(range(dim))[::-1]
         layers = []
         for _ in range(num_flows):
-            layers += [FLOWS["actnorm"](dim), FLOWS["linear-lu"](dim)]
+            layers += [FLOWS["actnorm"](dim), LinearLU(dim, permutation=reverse)]
             layers.append(FLOWS["realnvp"](dim, hidden_dims=h2))
         return layers
     return interleave_permutations([FLOWS[family](dim, h2) for _ in range(num_flows)])
 
 
-def model_of(layers: list, dim: int) -> dist.TransformedDistribution:
+def model_of(layers: list, dim: int) -> dist.Distribution:
+    """The fitted density: N(0, I) pushed through ``layers``, or a zuko flow's own."""
+    if zuko is not None and len(layers) == 1 and isinstance(layers[0], zuko.lazy.Flow):
+        return layers[0]()
     zero = torch.zeros(dim)
     return dist.TransformedDistribution(dist.Normal(zero, 1.0).to_event(1), layers)
+
+
+def family_is_zuko(layers: list) -> bool:
+    return zuko is not None and any(isinstance(t, zuko.lazy.Flow) for t in layers)
 
 
 def fit(layers: list, train: Tensor, valid: Tensor, args: argparse.Namespace) -> dict:
@@ -114,11 +199,13 @@ def fit(layers: list, train: Tensor, valid: Tensor, args: argparse.Namespace) ->
     # (an inverted Pyro transform holds its module in ``_inv``)
     owners = [t if isinstance(t, nn.Module) else getattr(t, "_inv", None) for t in layers]
     modules = nn.ModuleList(m for m in owners if isinstance(m, nn.Module))
-    initialize_actnorm(layers, train[:1024])
+    if not family_is_zuko(layers):
+        initialize_actnorm(layers, train[:1024])
     opt = torch.optim.Adam(modules.parameters(), lr=args.lr)
     best, best_state, bad, step = -math.inf, copy.deepcopy(modules.state_dict()), 0, 0
     start = time.perf_counter()
     for step in range(1, args.num_steps + 1):
+        modules.train()  # batch statistics in Pyro's BatchNorm
         batch = train[torch.randint(len(train), (args.batch_size,))]
         loss = -model_of(layers, dim).log_prob(batch).mean()
         opt.zero_grad()
@@ -126,6 +213,7 @@ def fit(layers: list, train: Tensor, valid: Tensor, args: argparse.Namespace) ->
         nn.utils.clip_grad_norm_(modules.parameters(), 100.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.num_steps:
+            modules.eval()
             with torch.no_grad():
                 val = float(model_of(layers, dim).log_prob(valid).mean())
             if val > best:
@@ -135,16 +223,22 @@ def fit(layers: list, train: Tensor, valid: Tensor, args: argparse.Namespace) ->
                 if bad >= args.patience:
                     break
     modules.load_state_dict(best_state)
+    modules.eval()
     return {"steps": step, "valid": best, "seconds": time.perf_counter() - start}
 
 
 def run(task: str, args: argparse.Namespace) -> dict[str, dict]:
     if task == "toy":
         train, valid, test = toy_data()
-        families = TOY_FAMILIES + PYRO_FAMILIES
+        families = TOY_FAMILIES + PYRO_FAMILIES + ZUKO_FAMILIES
     else:
         train, valid, test = digits_data(args.data_dir)
         families = DIGIT_FAMILIES
+    if args.families:
+        families = [f for f in families if f in args.families]
+    if zuko is None and any(f.startswith("zuko-") for f in families):
+        print("zuko is not installed (pip install zuko): its rows are skipped", flush=True)
+        families = [f for f in families if not f.startswith("zuko-")]
     dim = train.shape[-1]
     results = {}
     for family in families:
@@ -251,6 +345,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-every", type=int, default=100, help="steps between validation evaluations"
     )
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help="only these families (e.g. realnvp pyro-affine-coupling zuko-realnvp); "
+        "None fits every family of the task",
+    )
     p.add_argument("--data-dir", default=None, help="directory with binarized_mnist.npz")
     p.add_argument("--seed", type=int, default=0, help="random seed (pyro.set_rng_seed)")
     p.add_argument("--output-dir", default=".", help="where the figures and tables are written")

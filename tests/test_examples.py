@@ -61,3 +61,44 @@ def test_compare_posteriors_quick_mode_and_progress(tmp_path):
     for model in ("centered", "noncentered"):  # one progress line per finished guide
         assert f"{model} AutoFlowGuide(planar): fit" in proc.stdout + proc.stderr
     assert "AutoFlowGuide(iaf)" not in proc.stdout
+
+
+def test_density_glow_couplings_alternate_halves():
+    """Each glow block's linear map starts as the reversal, so consecutive couplings update
+    alternate halves from the first step (with P = I every coupling updated the same half
+    until L U learned to mix, and glow trailed realnvp by 0.15 nats on two moons)."""
+    import torch
+
+    from pyroflows.transforms import LinearLU, RealNVP
+
+    example = _load_example("density_estimation")
+    layers = example.build("glow", 4, 3, 8)
+    transformed = []  # the data coordinates each coupling updates, at initialisation
+    order = torch.arange(4)  # order[i]: the coordinate of the stack's output at position i
+    for t in reversed(layers):  # from the data end
+        if isinstance(t, RealNVP):
+            transformed.append(sorted(order[t.split :].tolist()))
+        elif isinstance(t, LinearLU):
+            assert not t.starts_at_identity
+            order = order[torch.argsort(t.perm)]
+    assert transformed == [[2, 3], [0, 1], [2, 3]]
+
+
+def test_density_equivalents_build_and_score():
+    """Every peer of the toy comparison builds, scores points and trains; Pyro's additive
+    coupling has log-det exactly 0 (NICE's coupling, no scale outputs to train)."""
+    import torch
+
+    example = _load_example("density_estimation")
+    peers = [p for ps in example.EQUIVALENTS.values() for p in ps]
+    if example.zuko is None:
+        peers = [p for p in peers if not p.startswith("zuko-")]
+    x = torch.randn(5, 2)
+    for family in peers:
+        layers = example.build(family, 2, 2, 8)
+        lp = example.model_of(layers, 2).log_prob(x)
+        assert lp.shape == (5,) and torch.isfinite(lp).all(), family
+        lp.sum().backward()
+    coupling = example.build("pyro-additive-coupling", 2, 1, 8)[0]
+    y = coupling(x)
+    assert torch.equal(coupling.log_abs_det_jacobian(x, y), torch.zeros(5))
