@@ -38,6 +38,18 @@ _PRECOND_BUFFERS = (
 )
 
 
+class _FlowStack(ComposeTransformModule):
+    """``ComposeTransformModule`` whose copies and pickles leave out torch's transform cache
+    (after a training step it holds tensors of the autograd graph, which ``copy.deepcopy``
+    refuses: a fitted guide could not be deep-copied)."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cached_x_y"] = None, None
+        state["_inv"] = None  # rebuilt on first use, from the copied parts
+        return state
+
+
 def _check_init_scale(init_scale: object) -> float:
     ok = isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool)
     if not ok or not math.isfinite(init_scale) or init_scale <= 0:
@@ -302,7 +314,7 @@ class AutoFlowGuide(AutoContinuous):
                     f"TransformModule); got {type(layer).__name__}"
                 )
             layers.append(layer)
-        return ComposeTransformModule(interleave_permutations(layers))
+        return _FlowStack(interleave_permutations(layers))
 
     def _affine(self) -> Transform:
         """The map ``ε' -> loc + L ε'`` after the flows; cached so samples score exactly."""

@@ -253,6 +253,12 @@ class Reverse(Transform):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Reverse)
 
+    def __getstate__(self) -> dict:
+        # torch's cache may hold tensors of an autograd graph, which copy.deepcopy refuses
+        state = super().__getstate__()
+        state["_cached_x_y"] = None, None
+        return state
+
     def __hash__(self) -> int:
         return hash(Reverse)
 
