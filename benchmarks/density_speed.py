@@ -1,4 +1,4 @@
-"""Speed of the coupling and MAF families against Pyro's and zuko's equivalents.
+"""Speed of the new flow families against Pyro's and zuko's equivalents.
 
 Each row times the same operation on the same inputs, K layers on D dimensions with batch B
 and the same conditioner widths (two hidden layers of ``--hidden`` units):
@@ -6,18 +6,30 @@ and the same conditioner widths (two hidden layers of ``--hidden`` units):
 - ``log_prob``: the log-density of external points (data), without autograd: one
   conditioner pass per layer for coupling flows and MAF;
 - ``train``: the same ``log_prob`` plus its backward pass (one maximum-likelihood step
-  without the optimizer update).
+  without the optimizer update);
+- ``sample``: B draws without autograd (the forward, generative direction): one pass per
+  layer for coupling flows, D sequential passes per layer for every MAF (ours, Pyro's and
+  zuko's alike).
 
 Families and peers: ``realnvp`` vs Pyro's ``affine_coupling`` and zuko's ``RealNVP``;
-``spline`` vs Pyro's ``spline_coupling`` (8 bins, bound 3) and zuko's ``NSF`` (8 bins);
-``maf`` vs the inverse of Pyro's ``affine_autoregressive`` and zuko's ``MAF``. Pyro's
-coupling layers get a reversal between layers as ours do. zuko is optional
-(``pip install zuko``, a benchmark-only dependency); without it its columns are empty.
-The ratio is best peer time / ours (> 1: ours is faster). Timings are interleaved medians
-(``_timing.time_interleaved``); configurations above ``--max-work`` are skipped on the CPU.
+``spline`` vs Pyro's ``spline_coupling`` (8 bins, bound 3) and zuko's ``NSF`` (8 bins,
+``passes=2``: coupling); ``maf`` vs the inverse of Pyro's ``affine_autoregressive`` and
+zuko's ``MAF``; ``actnorm`` vs Pyro's ``BatchNorm`` in eval mode (a fixed elementwise affine
+map) and zuko's learned ``MonotonicAffineTransform``; ``linear-lu`` vs Pyro's
+``GeneralizedChannelPermute`` on a (D, 1, 1) image (no column where its (B, D, D) product
+exceeds 2^28 floats) and zuko's ``LULinearTransform``. Pyro's coupling layers get a
+reversal between layers as ours do. zuko is optional (``pip install zuko``, a
+benchmark-only dependency); without it its column is empty. The ratio is best peer time /
+ours (> 1: ours is faster). Timings are interleaved medians (``_timing.time_interleaved``,
+at least ``--repeats`` rounds after a warm-up round, more while under 1 s; 3 rounds when
+the warm-up round took over 2 s); rows whose
+rough multiply-add count (``work``) exceeds ``--max-work`` are skipped: with the default
+only MAF sampling at K = 8, D = 512, B = 8192 (3.4e12, minutes per call for each model).
 
-Run: ``python benchmarks/density_speed.py [--quick]``; writes
-``benchmarks/results/density_speed.md``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/density_speed.py`` (the full grid: K in {1, 8},
+D in {2, 64, 512}, B in {1, 256, 8192}, every family and op; see the results file for its
+runtime) or ``--quick`` (D in {2, 64}, B in {1, 256}); writes
+``benchmarks/results/density_speed.md`` (``--output`` to change).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,20 +57,43 @@ try:
 except ImportError:  # optional, benchmark-only
     zuko = None
 
-LogProb = Callable[[torch.Tensor], torch.Tensor]
+COUPLING = ("realnvp", "spline", "maf")
+ELEMENTWISE_OR_LINEAR = ("actnorm", "linear-lu")
+SLOW_ROUND_S = 2.0
+"""A row whose first (warm-up) round takes longer is timed over 3 rounds only."""
+GCP_MAX_ELEMENTS = 2**28
+"""Pyro's ``GeneralizedChannelPermute`` materialises a (B, D, D) product in both directions;
+rows where that exceeds 2^28 floats (1 GiB) have no Pyro column."""
 
 
-def _transformed(layers: list, d: int) -> LogProb:
+def _dist(layers: list, d: int) -> dist.TransformedDistribution:
     base = dist.Normal(torch.zeros(d), 1.0).to_event(1)
-    return dist.TransformedDistribution(base, layers).log_prob
+    return dist.TransformedDistribution(base, layers)
 
 
-def ours(family: str, k: int, d: int, h: int) -> LogProb:
-    layers = interleave_permutations([FLOWS[family](d, [h, h]) for _ in range(k)])
-    return _transformed(layers, d)
+def ours(family: str, k: int, d: int, h: int) -> dist.Distribution:
+    if family in ELEMENTWISE_OR_LINEAR:  # a stack of K layers, no conditioner
+        return _dist([FLOWS[family](d) for _ in range(k)], d)
+    return _dist(interleave_permutations([FLOWS[family](d, [h, h]) for _ in range(k)]), d)
 
 
-def pyro_peer(family: str, k: int, d: int, h: int) -> LogProb:
+def _pyro_gcp(d: int) -> list:
+    """Pyro's learned 1x1 convolution on D channels of a 1x1 image (reshaped in and out)."""
+    image = (d, 1, 1)
+    return [
+        torch.distributions.ReshapeTransform((d,), image),
+        T.GeneralizedChannelPermute(channels=d),
+        torch.distributions.ReshapeTransform(image, (d,)),
+    ]
+
+
+def pyro_peer(family: str, k: int, d: int, h: int, b: int) -> dist.Distribution | None:
+    if family == "actnorm":  # BatchNorm in eval mode: a fixed elementwise affine map
+        return _dist([T.BatchNorm(d).eval() for _ in range(k)], d)
+    if family == "linear-lu":
+        if b * d * d > GCP_MAX_ELEMENTS:
+            return None
+        return _dist([t for _ in range(k) for t in _pyro_gcp(d)], d)
     make = {
         "realnvp": lambda: T.affine_coupling(d, hidden_dims=[h, h]),
         "spline": lambda: T.spline_coupling(d, hidden_dims=[h, h], count_bins=8, bound=3.0),
@@ -67,29 +103,69 @@ def pyro_peer(family: str, k: int, d: int, h: int) -> LogProb:
     for i in range(k):
         layers += [Reverse()] if i else []
         layers.append(make())
-    return _transformed(layers, d)
+    return _dist(layers, d)
 
 
-def zuko_peer(family: str, k: int, d: int, h: int) -> LogProb | None:
+class _Zuko:
+    """A zuko ``Flow`` with the ``log_prob``/``sample`` of its distribution."""
+
+    def __init__(self, flow: torch.nn.Module) -> None:
+        self.flow = flow
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow().log_prob(x)
+
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.flow().sample(shape)
+
+
+def zuko_peer(family: str, k: int, d: int, h: int) -> _Zuko | None:
     if zuko is None:
         return None
+    if family in ELEMENTWISE_OR_LINEAR:
+        if family == "actnorm":  # a learned elementwise affine map
+            args = (zuko.transforms.MonotonicAffineTransform, torch.zeros(d), torch.zeros(d))
+        else:  # a learned LU-parameterised linear map
+            args = (zuko.transforms.LULinearTransform, torch.eye(d))
+        layers = [zuko.flows.UnconditionalTransform(*args) for _ in range(k)]
+        base = zuko.flows.UnconditionalDistribution(
+            zuko.distributions.DiagNormal, torch.zeros(d), torch.ones(d), buffer=True
+        )
+        return _Zuko(zuko.flows.Flow(layers, base))
     cls = {"realnvp": zuko.flows.RealNVP, "spline": zuko.flows.NSF, "maf": zuko.flows.MAF}
-    opts = {"bins": 8} if family == "spline" else {}
-    flow = cls[family](d, transforms=k, hidden_features=(h, h), **opts)
-    return lambda x: flow().log_prob(x)
+    # NSF with passes=2 is a coupling flow, as ours and Pyro's spline_coupling
+    opts = {"bins": 8, "passes": 2} if family == "spline" else {}
+    return _Zuko(cls[family](d, transforms=k, hidden_features=(h, h), **opts))
 
 
-def ops(log_prob: LogProb, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+def ops(model: dist.Distribution | _Zuko, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Each call scores a fresh copy of ``x`` (external points: no transform cache hit)."""
 
     def score() -> None:
         with torch.no_grad():
-            log_prob(x.clone())
+            model.log_prob(x.clone())
 
     def train() -> None:
-        log_prob(x.clone()).sum().backward()
+        model.log_prob(x.clone()).sum().backward()
 
-    return {"log_prob": score, "train": train}
+    def sample() -> None:
+        with torch.no_grad():
+            model.sample(x.shape[:1])
+
+    return {"log_prob": score, "train": train, "sample": sample}
+
+
+def passes(family: str, op: str, d: int) -> int:
+    """Sequential conditioner passes per layer: D for sampling MAF, else 1."""
+    return d if family == "maf" and op == "sample" else 1
+
+
+def work(family: str, op: str, k: int, d: int, b: int, h: int) -> float:
+    """A rough multiply-add count of one call (the skip rule; see ``--max-work``)."""
+    if family in ELEMENTWISE_OR_LINEAR:
+        return k * b * (d * d if family == "linear-lu" else d)
+    out = d * (23 if family == "spline" else 2)
+    return passes(family, op, d) * k * b * (d * h + h * h + h * out)
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
@@ -99,37 +175,52 @@ def rows(args: argparse.Namespace) -> list[dict]:
         for k in args.num_flows:
             for d in args.dims:
                 for b in args.batches:
-                    work = k * b * (d * args.hidden + args.hidden**2 + args.hidden * d * 8)
-                    if work > args.max_work:
-                        out.append({"family": family, "K": k, "D": d, "B": b, "skipped": True})
-                        continue
-                    pyro.set_rng_seed(0)
-                    x = torch.randn(b, d)
-                    models = {
-                        "ours": ours(family, k, d, args.hidden),
-                        "pyro": pyro_peer(family, k, d, args.hidden),
-                        "zuko": zuko_peer(family, k, d, args.hidden),
-                    }
-                    names = [n for n, m in models.items() if m is not None]
-                    for op in ("log_prob", "train"):
-                        fns = [ops(models[n], x)[op] for n in names]
-                        ms = time_interleaved(fns, device, repeats=args.repeats, budget_s=1.0)
-                        row = {"family": family, "K": k, "D": d, "B": b, "op": op}
-                        row |= dict(zip(names, ms, strict=True))
-                        row["ratio"] = min(row[n] for n in names if n != "ours") / row["ours"]
-                        out.append(row)
-                        print(fmt(row), flush=True)
+                    out += config_rows(args, device, family, k, d, b)
+    return out
+
+
+def config_rows(
+    args: argparse.Namespace, device: torch.device, family: str, k: int, d: int, b: int
+) -> list[dict]:
+    """The rows of one (family, K, D, B): every op, ours and the peers, interleaved."""
+    pyro.set_rng_seed(0)
+    x = torch.randn(b, d)
+    models = {
+        "ours": ours(family, k, d, args.hidden),
+        "pyro": pyro_peer(family, k, d, args.hidden, b),
+        "zuko": zuko_peer(family, k, d, args.hidden),
+    }
+    names = [n for n, m in models.items() if m is not None]
+    out = []
+    for op in args.ops:
+        row = {"family": family, "K": k, "D": d, "B": b, "op": op}
+        if work(family, op, k, d, b, args.hidden) > args.max_work:
+            out.append(row | {"skipped": True})
+            print(fmt(out[-1]), flush=True)
+            continue
+        fns = [ops(models[n], x)[op] for n in names]
+        start = time.perf_counter()
+        for fn in fns:  # one warm-up round, timed: slow rows get the minimum of rounds
+            fn()
+        slow = time.perf_counter() - start > SLOW_ROUND_S
+        repeats = 3 if slow else args.repeats
+        ms = time_interleaved(fns, device, repeats=repeats, warmup=0 if slow else 1, budget_s=1.0)
+        row["seconds"] = time.perf_counter() - start
+        row |= dict(zip(names, ms, strict=True))
+        peers = [row[n] for n in names if n != "ours"]
+        row["ratio"] = min(peers) / row["ours"] if peers else float("nan")
+        out.append(row)
+        print(fmt(row), flush=True)
     return out
 
 
 def fmt(r: dict) -> str:
+    head = f"| {r['family']} | {r['K']} | {r['D']} | {r['B']} | {r['op']} |"
     if r.get("skipped"):
-        return f"| {r['family']} | {r['K']} | {r['D']} | {r['B']} | skipped | | | | |"
+        return f"{head} skipped (--max-work) | | | |"
+    p = f"{r['pyro']:.3f}" if "pyro" in r else "-"
     z = f"{r['zuko']:.3f}" if "zuko" in r else "-"
-    return (
-        f"| {r['family']} | {r['K']} | {r['D']} | {r['B']} | {r['op']} | {r['ours']:.3f} | "
-        f"{r['pyro']:.3f} | {z} | {r['ratio']:.2f} |"
-    )
+    return f"{head} {r['ours']:.3f} | {p} | {z} | {r['ratio']:.2f} |"
 
 
 def write(args: argparse.Namespace, res: list[dict]) -> Path:
@@ -137,11 +228,13 @@ def write(args: argparse.Namespace, res: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     zv = zuko.__version__ if zuko is not None else "not installed"
     lines = [
-        "# Coupling and MAF flows: speed against Pyro and zuko",
+        "# New flow families: speed against Pyro and zuko",
         "",
         f"{device_name(torch.device('cpu'))}, {platform.python_version()}, torch "
         f"{torch.__version__}, pyro {pyro.__version__}, zuko {zv}, "
         f"{torch.get_num_threads()} thread(s), hidden {args.hidden}.",
+        f"`python benchmarks/density_speed.py {' '.join(sys.argv[1:])}`: "
+        f"{len(res)} rows in {sum(r.get('seconds', 0.0) for r in res) / 60:.1f} min of timing.",
         "Times in ms (interleaved medians); ratio = best peer / ours (> 1: ours faster).",
         "",
         "| family | K | D | B | op | ours | Pyro | zuko | ratio |",
@@ -154,13 +247,14 @@ def write(args: argparse.Namespace, res: list[dict]) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", nargs="+", default=["realnvp", "spline", "maf"])
+    p.add_argument("--families", nargs="+", default=[*COUPLING, *ELEMENTWISE_OR_LINEAR])
+    p.add_argument("--ops", nargs="+", default=["log_prob", "train", "sample"])
     p.add_argument("--num-flows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 512])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256, 8192])
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--max-work", type=float, default=3e9, help="CPU skip threshold")
+    p.add_argument("--max-work", type=float, default=1e12, help="skip rows above (work())")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="D in {2, 64}, B in {1, 256}")
     p.add_argument("--output", default=None)

@@ -54,7 +54,7 @@ EQUIVALENTS = {
     "realnvp": ["pyro-affine-coupling", "zuko-realnvp"],
     "spline": ["pyro-spline-coupling", "zuko-nsf"],
     "maf": ["pyro-maf", "zuko-maf"],
-    "glow": ["pyro-glow"],
+    "glow": ["pyro-glow", "zuko-glow"],
 }
 PYRO_FAMILIES = [
     "pyro-additive-coupling",
@@ -63,7 +63,7 @@ PYRO_FAMILIES = [
     "pyro-maf",
     "pyro-glow",
 ]
-ZUKO_FAMILIES = ["zuko-nice", "zuko-realnvp", "zuko-nsf", "zuko-maf"]
+ZUKO_FAMILIES = ["zuko-nice", "zuko-realnvp", "zuko-nsf", "zuko-maf", "zuko-glow"]
 DIGIT_FAMILIES = ["nice", "realnvp", "spline", "maf", "glow"]
 
 
@@ -157,8 +157,30 @@ def _zuko(family: str, dim: int, num_flows: int, h2: list[int]) -> list:
         # passes=2: coupling, as ours (at D = 2 it is also the autoregressive NSF)
         "zuko-nsf": lambda: zuko.flows.NSF(dim, bins=8, passes=2, **opts),
         "zuko-maf": lambda: zuko.flows.MAF(dim, **opts),
+        "zuko-glow": lambda: _zuko_glow(dim, num_flows, h2),
     }[family]()
     return [flow]
+
+
+def _zuko_glow(dim: int, num_flows: int, h2: list[int]) -> nn.Module:
+    """zuko has no Glow flow; its parts: per block (data side first) a learned elementwise
+    affine map (actnorm without the data initialisation), an LU linear map (identity start)
+    and an affine coupling whose halves alternate between blocks (as in zuko's RealNVP)."""
+    flows = zuko.flows
+    layers = []
+    for k in range(num_flows):
+        zero = torch.zeros(dim)
+        layers += [
+            flows.UnconditionalTransform(zuko.transforms.MonotonicAffineTransform, zero, zero),
+            flows.UnconditionalTransform(zuko.transforms.LULinearTransform, torch.eye(dim)),
+            flows.GeneralCouplingTransform(
+                dim, mask=torch.arange(dim) % 2 == k % 2, hidden_features=h2
+            ),
+        ]
+    base = flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True
+    )
+    return flows.Flow(layers, base)
 
 
 def build(family: str, dim: int, num_flows: int, hidden: int) -> list:

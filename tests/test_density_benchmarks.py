@@ -1,0 +1,68 @@
+"""The density benchmarks run (one tiny configuration each) and render their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["realnvp", "spline", "maf", "actnorm", "linear-lu"])
+def test_density_speed_rows(family):
+    speed = _load("density_speed")
+    args = speed.parse_args(["--repeats", "1", "--families", family])
+    rows = speed.config_rows(args, torch.device("cpu"), family, 2, 4, 3)
+    assert [r["op"] for r in rows] == ["log_prob", "train", "sample"]
+    for r in rows:
+        assert r["ours"] > 0 and r["pyro"] > 0 and r["ratio"] > 0
+        assert speed.fmt(r).count("|") == 10
+    # the full grid is the default; --quick keeps D <= 64 and B <= 256
+    full, quick = speed.parse_args([]), speed.parse_args(["--quick"])
+    assert (full.dims, full.batches, full.num_flows) == ([2, 64, 512], [1, 256, 8192], [1, 8])
+    assert (quick.dims, quick.batches) == ([2, 64], [1, 256])
+
+
+def test_density_speed_full_grid_skips_only_the_largest_maf_sampling():
+    speed = _load("density_speed")
+    args = speed.parse_args([])
+    skipped = {
+        (f, op, k, d, b)
+        for f in args.families
+        for op in args.ops
+        for k in args.num_flows
+        for d in args.dims
+        for b in args.batches
+        if speed.work(f, op, k, d, b, args.hidden) > args.max_work
+    }
+    assert skipped == {("maf", "sample", 8, 512, 8192)}
+
+
+def test_density_toy_table(tmp_path):
+    toy = _load("density_toy")
+    example = toy.load_example()
+    done = {}
+    for seed, shift in ((0, 0.0), (1, 0.12)):
+        for model, value in (("realnvp", -1.90), ("pyro-affine-coupling", -1.93)):
+            done[f"{seed}/{model}"] = {
+                "test": value + shift,
+                "valid": 0.0,
+                "steps": 100,
+                "seconds": 1.0,
+            }
+        done[f"{seed}/zuko-realnvp"] = {"test": -1.80, "valid": 0, "steps": 1, "seconds": 1}
+    args = toy.parse_args(["--json", str(tmp_path / "r.json")])
+    text = toy.render(done, example, args)
+    row = next(line for line in text.splitlines() if line.startswith("| realnvp |"))
+    # gap per seed: ours - the best equivalent (zuko-realnvp, -1.80) = -0.10, +0.02
+    assert "-0.040 (-0.100, +0.020)" in row and row.endswith("| yes |")
