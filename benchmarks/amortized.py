@@ -5,10 +5,14 @@ examples/amortized_hierarchical.py (issue 17 acceptance), against its exact post
    sd units, of the amortized guide, a full AutoFlowGuide over all latents and AutoNormal.
 2. Per-step time at N = 1,000 vs N = 100,000 with subsample_size = 256 (alternating blocks of
    steps in the same process) and the peak resident memory.
-3. Posterior of the globals (mu, beta) after a subsampled fit at N = 100,000, and after a
-   long full-batch fit at N = 1,000, each against its own exact posterior.
+3. Posterior of the globals (mu, beta) after subsampled training, against the exact one:
+   3.1 the sd of the subsampled gradient of the globals at N = 100,000 vs the full-batch one;
+   3.2 at N = 2,000, subsample 256 vs a full-batch fit of the same guide vs exact;
+   3.3 at N = 100,000, subsample 256; 3.4 (--curve) the error against the step budget T
+   and with subsample 4096, and the extrapolated T for Monte-Carlo-level agreement.
 
-    python benchmarks/amortized.py            # writes benchmarks/results/amortized.md
+    python benchmarks/amortized.py --curve    # writes benchmarks/results/amortized.md (~25 min)
+    python benchmarks/amortized.py            # the same without 3.4 (~15 min)
     python benchmarks/amortized.py --quick    # smaller budgets, to check the script
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import resource
 import statistics
 import time
@@ -131,54 +136,228 @@ def timing(args, lines):
     return large / small
 
 
+def global_errors(guide, y, subsample_size, draws):
+    """Mean error (exact-posterior sd units) and sd ratio of mu and beta under the global guide."""
+    d = guide.global_guide.sample_posterior(y, subsample_size, num_samples=draws)
+    mean, cov = ex.exact_globals(y)
+    sd = cov.diagonal().sqrt()
+    out = {}
+    for i, name in enumerate(("mu", "beta")):
+        q = d[name].double()
+        out[name] = (float((q.mean() - mean[i]) / sd[i]), float(q.std() / sd[i]))
+    return out
+
+
 def globals_fit(n, subsample_size, steps, seed, args):
+    """One seeded fit of the example's recipe; errors of the globals against the exact ones."""
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     y = ex.simulate(n, args.obs, seed=seed)
     guide = AutoAmortizedFlowGuide(ex.model)
     seconds = ex.fit(guide, y, steps, subsample_size, 0.01)
-    draws = guide.global_guide.sample_posterior(y, subsample_size, num_samples=args.draws)
+    return guide, y, global_errors(guide, y, subsample_size, args.draws), seconds
+
+
+def gradient_noise(args, lines):
+    """The sd of the subsampled and of the full-batch gradient of the loss with respect to the
+    global guide's location and log-scale, in whitened coordinates of the exact posterior."""
+    n, batch = 100_000, 256
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    y = ex.simulate(n, args.obs, seed=0)
+    guide = AutoAmortizedFlowGuide(ex.model)
+    svi = SVI(ex.model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(args.noise_warm):
+        svi.step(y, batch)
+    gg = guide.global_guide
     mean, cov = ex.exact_globals(y)
-    sd = cov.diagonal().sqrt()
-    out = []
-    for i, name in enumerate(("mu", "beta")):
-        m, s = draws[name].double().mean(), draws[name].double().std()
-        out.append(
-            (name, float(mean[i]), float(sd[i]), float((m - mean[i]) / sd[i]), float(s / sd[i]))
-        )
-    return out, seconds
+    with torch.no_grad():
+        for layer in gg.flows:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    gg.precondition(mean.float(), torch.linalg.cholesky(cov).float())  # q = exact marginal
+    elbo = Trace_ELBO()
+    grads = {}
+    for label, b, reps in [("subsample 256", batch, args.noise_reps), ("full batch", None, 40)]:
+        out = []
+        for _ in range(reps):
+            loss = elbo.differentiable_loss(ex.model, guide, y, b)
+            out.append(torch.cat(torch.autograd.grad(loss, [gg.loc, gg.scale_unconstrained])))
+        grads[label] = torch.stack(out)
+    names = ["location mu", "location beta", "log-scale mu", "log-scale beta"]
+    sub, full = grads["subsample 256"].std(0), grads["full batch"].std(0)
+    lines += [
+        "### 3.1 Gradient noise of the globals at N = 100,000",
+        "",
+        f"Guide after {args.noise_warm} steps (subsample 256, Adam lr 0.01), then its global guide "
+        "set to the exact marginal posterior of (mu, beta) in whitened coordinates "
+        "(`AutoFlowGuide.precondition(exact mean, chol(exact cov))`, flows reset to the identity), so "
+        "a unit of its location is one exact-posterior sd and the loss's curvature there is about 1. "
+        f"sd over {args.noise_reps} subsampled / 40 full-batch evaluations of the gradient of the "
+        "negative ELBO (one particle), at that fixed guide. sqrt(N / B) = "
+        f"{(n / batch) ** 0.5:.1f}.",
+        "",
+        "| parameter | sd, subsample 256 | sd, full batch | ratio |",
+        "|---|---|---|---|",
+    ]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | {sub[i]:.2f} | {full[i]:.2f} | {sub[i] / full[i]:.1f} |")
+    lines.append("")
+    print("\n".join(lines[-6:]), flush=True)
+    return sub, full
+
+
+def error_rows(label, seed, errs, seconds):
+    return [
+        f"| {label} | {seed} | {name} | {e:+.3f} | {r:.3f} | {seconds:.0f} |"
+        for name, (e, r) in errs.items()
+    ]
+
+
+def rms(results):
+    """RMS over fits and sites of the mean error, and of log(sd ratio)."""
+    errs = [e for r in results for e, _ in r.values()]
+    logs = [math.log(s) for r in results for _, s in r.values()]
+    return (sum(e * e for e in errs) / len(errs)) ** 0.5, (
+        sum(v * v for v in logs) / len(logs)
+    ) ** 0.5
+
+
+TABLE = [
+    "| fit | seed | site | mean error (sd) | sd ratio | fit seconds |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def small_n(args, lines):
+    """Subsampled vs full-batch fits of the same guide at N = args.n_small, against exact."""
+    n = args.n_small
+    lines += [
+        f"### 3.2 N = {n:,}: subsample 256 vs full batch vs exact",
+        "",
+        f"{args.steps_large} steps of the recipe above for both fits (same seed, so the same data "
+        "and initial guide); errors against the exact posterior.",
+        "",
+        *TABLE,
+    ]
+    res, diffs = {"sub": [], "full": []}, []
+    for seed in args.seeds_large:
+        fits = {}
+        for key, batch, label in [("sub", 256, "subsample 256"), ("full", None, "full batch")]:
+            _, _, errs, seconds = globals_fit(n, batch, args.steps_large, seed, args)
+            fits[key] = errs
+            res[key].append(errs)
+            lines += error_rows(label, seed, errs, seconds)
+            print("\n".join(lines[-2:]), flush=True)
+        diffs.append({k: (fits["sub"][k][0] - fits["full"][k][0], 1.0) for k in fits["sub"]})
+    lines.append("")
+    (sub_m, sub_s), (full_m, full_s) = rms(res["sub"]), rms(res["full"])
+    diff = rms(diffs)[0]
+    lines += [
+        f"Over {len(args.seeds_large)} seeds x 2 sites: RMS mean error {sub_m:.3f} (subsample 256) "
+        f"and {full_m:.3f} (full batch) sd; RMS log sd ratio {sub_s:.3f} and {full_s:.3f}; RMS of "
+        f"the subsampled minus full-batch mean {diff:.3f} sd. Monte-Carlo se of one mean error "
+        f"{1 / args.draws**0.5:.3f}, of a difference of two {2**0.5 / args.draws**0.5:.3f}; of a "
+        f"log sd ratio {1 / (2 * args.draws) ** 0.5:.3f}.",
+        "",
+    ]
+    return res
+
+
+def large_n(args, lines, steps_list, batch=256):
+    """Subsampled fits at N = 100,000 with each step budget, against the exact posterior."""
+    out = {}
+    for steps in steps_list:
+        for seed in args.seeds_large:
+            label = f"subsample {batch}, {steps} steps"
+            try:
+                _, _, errs, seconds = globals_fit(100_000, batch, steps, seed, args)
+            except ValueError as err:  # a NaN the distributions' validation caught
+                lines.append(f"| {label} | {seed} | - | diverged: {str(err)[:60]}... | | |")
+                print(lines[-1], flush=True)
+                continue
+            out.setdefault(steps, []).append(errs)
+            lines += error_rows(label, seed, errs, seconds)
+            print("\n".join(lines[-2:]), flush=True)
+    return out
 
 
 def accuracy_globals(args, lines):
     lines += [
-        "## 3. Globals after subsampled training vs a full-batch fit",
+        "## 3. Globals (mu, beta) after subsampled training",
         "",
-        f"Each fit: {args.steps_large} SVI steps, Adam lr 0.01 for 40%, precondition_globals(), then a fresh "
-        "Adam decaying 100x; "
-        f"{args.draws} draws of the global guide; errors against that N's exact posterior of "
-        "(mu, beta) (alpha integrated out). Monte-Carlo se of the mean error "
-        f"≈ {1 / args.draws**0.5:.3f} sd, of the sd ratio ≈ {1 / (2 * args.draws) ** 0.5:.3f}.",
+        f"Recipe (examples/amortized_hierarchical.py `fit`): Adam lr 0.01 for 40% of the steps, "
+        "precondition_globals(), then a fresh Adam decaying 100x; errors from "
+        f"{args.draws} draws of the global guide against that data set's exact posterior of "
+        "(mu, beta) (alpha integrated out), in exact-posterior sd units.",
         "",
-        "| fit | seed | site | exact mean | exact sd | mean error (sd) | sd ratio | fit seconds |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    results = {}
-    configs = [
-        ("N = 100,000, subsample 256", 100_000, 256, args.seeds_large),
-        ("N = 1,000, full batch", 1_000, None, args.seeds[:1]),
+    gradient_noise(args, lines)
+    small = small_n(args, lines)
+    lines += [
+        f"### 3.3 N = 100,000, subsample 256, {args.steps_large} steps",
+        "",
+        *TABLE,
     ]
-    for label, n, batch, seeds in configs:
-        for seed in seeds:
-            rows, seconds = globals_fit(n, batch, args.steps_large, seed, args)
-            results[(label, seed)] = rows
-            for name, m, s, err, ratio in rows:
-                lines.append(
-                    f"| {label} | {seed} | {name} | {m:.4f} | {s:.4f} | {err:+.3f} | {ratio:.3f} "
-                    f"| {seconds:.0f} |"
-                )
-                print(lines[-1], flush=True)
-    lines.append("")
-    return results
+    large = large_n(args, lines, [args.steps_large])
+    m, s = rms(large[args.steps_large])
+    lines += [
+        "",
+        f"RMS mean error {m:.3f} sd, RMS log sd ratio {s:.3f} (3.2 at N = {args.n_small:,}: "
+        f"{rms(small['sub'])[0]:.3f} and {rms(small['sub'])[1]:.3f}).",
+        "",
+    ]
+    if args.curve:
+        curve(args, lines, large)
+
+
+def curve(args, lines, large):
+    """Error against the step budget T at N = 100,000 (B = 256), and B = 4096 at a matching N/(B T)."""
+    lines += [
+        "### 3.4 Error against the step budget (N = 100,000)",
+        "",
+        "The same recipe with other step budgets T; the last rows use subsample_size = 4096 with "
+        f"{args.steps_big_batch} steps (N / (B T) as for B = 256 with "
+        f"{args.steps_big_batch * 16} steps).",
+        "",
+        *TABLE,
+    ]
+    more = large_n(args, lines, args.steps_curve)
+    large.update(more)
+    big = large_n(args, lines, [args.steps_big_batch], batch=4096)
+    lines += [
+        "",
+        "| subsample | steps T | N / (B T) | RMS mean error (sd) | RMS log sd ratio | c = RMS x sqrt(B T / N) |",
+        "|---|---|---|---|---|---|",
+    ]
+    points = []
+    for steps in sorted(large):
+        m, s = rms(large[steps])
+        points.append((steps, m))
+        x = 100_000 / (256 * steps)
+        lines.append(f"| 256 | {steps} | {x:.4f} | {m:.3f} | {s:.3f} | {m / x**0.5:.2f} |")
+    m, s = rms(big[args.steps_big_batch])
+    x = 100_000 / (4096 * args.steps_big_batch)
+    lines.append(
+        f"| 4096 | {args.steps_big_batch} | {x:.4f} | {m:.3f} | {s:.3f} | {m / x**0.5:.2f} |"
+    )
+    logt = [math.log(t) for t, _ in points]
+    loge = [math.log(e) for _, e in points]
+    mt, me = sum(logt) / len(logt), sum(loge) / len(loge)
+    slope = sum((a - mt) * (b - me) for a, b in zip(logt, loge, strict=True)) / sum(
+        (a - mt) ** 2 for a in logt
+    )
+    c = math.exp(me + 0.5 * mt)  # RMS = c / sqrt(T), fitted with the slope fixed at -1/2
+    target = 0.03
+    lines += [
+        "",
+        f"Least-squares slope of log RMS mean error on log T (B = 256): {slope:.2f} (noise-limited "
+        f"SGD: -0.5). With the slope fixed at -1/2, RMS ≈ {c:.0f} / sqrt(T), so an RMS mean error "
+        f"of {target} sd (about 3 Monte-Carlo se of {args.draws} draws) needs T ≈ "
+        f"{(c / target) ** 2:,.0f} steps at B = 256, about {(c / target) ** 2 * 0.011 / 3600:.1f} h "
+        "at 11 ms per step.",
+        "",
+    ]
 
 
 def main(args):
@@ -187,7 +366,7 @@ def main(args):
     lines = [
         "# AutoAmortizedFlowGuide: accuracy and scaling (issue 17)",
         "",
-        f"`python benchmarks/amortized.py{' --quick' if args.quick else ''}`; seeds {list(args.seeds)} "
+        f"`python benchmarks/amortized.py{' --curve' if args.curve else ''}`; seeds {list(args.seeds)} "
         f"(N = 100,000 default fit: {list(args.seeds_large)}); "
         f"torch {torch.__version__}, pyro {pyro.__version__}, CPU, 1 thread, on a 2-core machine "
         "shared with other jobs (times are indicative).",
@@ -212,11 +391,18 @@ def parse_args(argv=None):
     parser.add_argument("--steps-small", type=int, default=3000)
     parser.add_argument("--steps-large", type=int, default=6000)
     parser.add_argument("--draws", type=int, default=8000)
+    parser.add_argument("--n-small", type=int, default=2000)
+    parser.add_argument("--noise-warm", type=int, default=1500)
+    parser.add_argument("--noise-reps", type=int, default=400)
+    parser.add_argument("--curve", action="store_true", help="section 3.4: error vs steps (long)")
+    parser.add_argument("--steps-curve", type=int, nargs="+", default=[1500, 3000])
+    parser.add_argument("--steps-big-batch", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=50)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps_small, args.steps_large, args.draws, args.rounds, args.block = 30, 30, 500, 2, 5
+        args.noise_warm, args.noise_reps, args.steps_curve, args.steps_big_batch = 5, 5, [20], 10
     return args
 
 
