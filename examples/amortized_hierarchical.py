@@ -12,6 +12,14 @@ trains it on ``--subsample-size`` groups per step (``pyro.plate(..., subsample_s
 so a step costs the same for any N; the script prints the posterior of the globals against
 the exact one and writes them to ``--output-dir``.
 
+With many groups the globals' posterior sd is small (here about 0.45 / sqrt(N)) and the
+subsampled gradient carries about sqrt(N / B) of those sds of noise per step, so the error of
+the globals' means falls only like sqrt(N / (B T)) after T steps: within 0.1 posterior sd of
+the exact ones at N = 2,000 after 6,000 steps of 256 groups, but about half a posterior sd at
+N = 100,000 (benchmarks/results/amortized.md, section 3). For tighter globals at large N,
+raise ``--subsample-size`` (a step of 4,096 groups costs about 1.5 times one of 256) or
+``--num-steps``.
+
     python examples/amortized_hierarchical.py --num-groups 100000 --num-steps 3000
 """
 
