@@ -17,12 +17,13 @@ Families and peers: ``realnvp`` vs Pyro's ``affine_coupling`` and zuko's ``RealN
 zuko's ``MAF``; ``actnorm`` vs Pyro's ``BatchNorm`` in eval mode (a fixed elementwise affine
 map) and zuko's learned ``MonotonicAffineTransform``; ``linear-lu`` vs Pyro's
 ``GeneralizedChannelPermute`` on a (D, 1, 1) image (no column where its (B, D, D) product
-exceeds 2^28 floats) and zuko's ``LULinearTransform``. Pyro's coupling layers get a
+exceeds 2^28 floats) and zuko's ``LULinearTransform``. Pyro's MADE needs hidden units >= D,
+so its MAF column is empty at D = 512 (hidden 64). Pyro's coupling layers get a
 reversal between layers as ours do. zuko is optional (``pip install zuko``, a
 benchmark-only dependency); without it its column is empty. The ratio is best peer time /
 ours (> 1: ours is faster). Timings are interleaved medians (``_timing.time_interleaved``,
 at least ``--repeats`` rounds after a warm-up round, more while under 1 s; 3 rounds when
-the warm-up round took over 2 s); rows whose
+the warm-up round took over 2 s, the warm-up round alone when it took over 60 s); rows whose
 rough multiply-add count (``work``) exceeds ``--max-work`` are skipped: with the default
 only MAF sampling at K = 8, D = 512, B = 8192 (3.4e12, minutes per call for each model).
 
@@ -61,6 +62,9 @@ COUPLING = ("realnvp", "spline", "maf")
 ELEMENTWISE_OR_LINEAR = ("actnorm", "linear-lu")
 SLOW_ROUND_S = 2.0
 """A row whose first (warm-up) round takes longer is timed over 3 rounds only."""
+ONE_ROUND_S = 60.0
+"""A row whose warm-up round takes longer is timed by that round alone (marked ``1 round``):
+spline at K = 8, D = 512, B = 8192 and zuko's LU sampling there, several minutes a round."""
 GCP_MAX_ELEMENTS = 2**28
 """Pyro's ``GeneralizedChannelPermute`` materialises a (B, D, D) product in both directions;
 rows where that exceeds 2^28 floats (1 GiB) have no Pyro column."""
@@ -94,6 +98,8 @@ def pyro_peer(family: str, k: int, d: int, h: int, b: int) -> dist.Distribution 
         if b * d * d > GCP_MAX_ELEMENTS:
             return None
         return _dist([t for _ in range(k) for t in _pyro_gcp(d)], d)
+    if family == "maf" and h < d:  # AutoRegressiveNN: "Hidden dimension must not be less"
+        return None
     make = {
         "realnvp": lambda: T.affine_coupling(d, hidden_dims=[h, h]),
         "spline": lambda: T.spline_coupling(d, hidden_dims=[h, h], count_bins=8, bound=3.0),
@@ -200,11 +206,17 @@ def config_rows(
             continue
         fns = [ops(models[n], x)[op] for n in names]
         start = time.perf_counter()
-        for fn in fns:  # one warm-up round, timed: slow rows get the minimum of rounds
+        warm = []  # one warm-up round, timed: slow rows get fewer rounds
+        for fn in fns:
+            t0 = time.perf_counter()
             fn()
-        slow = time.perf_counter() - start > SLOW_ROUND_S
-        repeats = 3 if slow else args.repeats
-        ms = time_interleaved(fns, device, repeats=repeats, warmup=0 if slow else 1, budget_s=1.0)
+            warm.append(1e3 * (time.perf_counter() - t0))
+        if sum(warm) > 1e3 * ONE_ROUND_S:  # minutes per round: the warm-up round is the time
+            ms, row["rounds"] = warm, 1
+        else:
+            slow = sum(warm) > 1e3 * SLOW_ROUND_S
+            repeats = 3 if slow else args.repeats
+            ms = time_interleaved(fns, device, repeats, warmup=0 if slow else 1, budget_s=1.0)
         row["seconds"] = time.perf_counter() - start
         row |= dict(zip(names, ms, strict=True))
         peers = [row[n] for n in names if n != "ours"]
@@ -220,7 +232,8 @@ def fmt(r: dict) -> str:
         return f"{head} skipped (--max-work) | | | |"
     p = f"{r['pyro']:.3f}" if "pyro" in r else "-"
     z = f"{r['zuko']:.3f}" if "zuko" in r else "-"
-    return f"{head} {r['ours']:.3f} | {p} | {z} | {r['ratio']:.2f} |"
+    note = " (1 round)" if r.get("rounds") == 1 else ""
+    return f"{head} {r['ours']:.3f} | {p} | {z} | {r['ratio']:.2f}{note} |"
 
 
 def write(args: argparse.Namespace, res: list[dict]) -> Path:

@@ -66,3 +66,14 @@ def test_density_toy_table(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| realnvp |"))
     # gap per seed: ours - the best equivalent (zuko-realnvp, -1.80) = -0.10, +0.02
     assert "-0.040 (-0.100, +0.020)" in row and row.endswith("| yes |")
+
+
+def test_density_speed_slow_rows_and_missing_peers(monkeypatch):
+    speed = _load("density_speed")
+    monkeypatch.setattr(speed, "ONE_ROUND_S", 0.0)  # every row "slow": the warm-up round
+    args = speed.parse_args(["--ops", "log_prob"])
+    (row,) = speed.config_rows(args, torch.device("cpu"), "realnvp", 1, 4, 2)
+    assert row["rounds"] == 1 and "(1 round)" in speed.fmt(row)
+    # Pyro's MADE needs hidden >= D: no Pyro MAF column at D = 512 with 64 hidden units
+    assert speed.pyro_peer("maf", 1, 512, 64, 1) is None
+    assert speed.pyro_peer("linear-lu", 1, 512, 64, 8192) is None  # (B, D, D) > 2^28
