@@ -340,6 +340,12 @@ def vi_row(label: str, make, model, data, args) -> dict:
     d = vi.diagnostics()
     note = ("converged" if d["converged"] else "NOT converged") + f", lr {d['step_size']:g}"
     note += ", Laplace start" if "Laplace" in d["init"] else ", no mode"
+    if len(d["tails"]) > 1:  # the tails step tried Student-t bases: k-hat of each
+        tried = "/".join(f"{t['khat']:.2f}" for t in d["tails"])
+        dfs = "/".join(
+            "normal" if t["base_df"] is None else f"{t['base_df']:g}" for t in d["tails"]
+        )
+        note += f", tails k-hat {tried} (base {dfs})"
     if d["base_df"] is not None:
         note += f", Student-t base df {d['base_df']:g}"
     note += f", k-hat(VI) {d['khat']:.2f}"

@@ -93,5 +93,8 @@ def smooth_log_weights(log_ratios: np.ndarray, tolerance: float) -> tuple[np.nda
     n = log_ratios.size
     if np.ptp(log_ratios) <= tolerance:
         return np.full(n, -np.log(n)), KHAT_EXACT, True
-    lw, khat = psislw(log_ratios)
+    # ArviZ's generalized-Pareto fit overflows harmlessly in exp() on extreme ratios (a guide
+    # far from the posterior): its k-hat is then large, as it should be
+    with np.errstate(over="ignore"):
+        lw, khat = psislw(log_ratios)
     return lw - np.logaddexp.reduce(lw), khat, False

@@ -660,9 +660,9 @@ def test_heavy_tailed_posterior_gets_a_student_t_base():
     vi, warned = runs[30.0, 10.0, 5.0]
     d = vi.diagnostics()
     assert d["base_df"] is not None and vi.guide.base_df == d["base_df"]
-    assert d["tails"][0]["base_df"] is None and d["tails"][0]["khat"] >= 0.7
-    assert d["tails"][1]["base_df"] == 30.0 and d["tails"][1]["khat"] >= 0.7  # too light
-    assert d["tails"][-1]["base_df"] == d["base_df"] and d["tails"][-1]["khat"] < 0.7
+    assert d["tails"][0]["base_df"] is None and d["tails"][0]["khat"] >= 0.6
+    assert d["tails"][1]["base_df"] == 30.0 and d["tails"][1]["khat"] >= 0.6  # too light
+    assert d["tails"][-1]["base_df"] == d["base_df"] and d["tails"][-1]["khat"] < 0.6
     assert d["khat"] < 0.7 and not any("k-hat" in m for m in warned), (d, warned)
     assert "kept Student-t df" in pyroflows.vi._diagnostics_text(d)
     # the draws are the t-based guide's (heavier tails than the normal-based fit's), and
@@ -682,8 +682,8 @@ def test_heavy_tailed_posterior_gets_a_student_t_base():
 def test_gaussian_posterior_keeps_the_normal_base():
     vi = VI(regression, seed=0, progress_bar=False, **QUICK).run(X, Y)
     d = vi.diagnostics()
-    assert d["khat"] < 0.7 and d["base_df"] is None
-    assert [t["base_df"] for t in d["tails"]] == [None] and d["tails"][0]["khat"] < 0.7
+    # k-hat < 0.5: the tails step does not even re-check it
+    assert d["khat"] < 0.5 and d["base_df"] is None and d["tails"] == []
     assert "tails:" not in pyroflows.vi._diagnostics_text(d)
 
 
