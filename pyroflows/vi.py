@@ -657,7 +657,7 @@ class VI:
         every base scored."""
         flow = isinstance(self.guide, AutoFlowGuide)
         if not (self.tail_dfs and flow and report.khat >= KHAT_GOOD):
-            # (below 0.5 from num_draws draws, 0.7 is rarely the truth: no re-check)
+            # k-hat < 0.5 from num_draws draws: a true k-hat >= 0.7 is unlikely, no re-check
             return report, self.guide.base_df if flow else None, []
 
         def score(seed: int) -> ImportanceReport:
@@ -665,7 +665,7 @@ class VI:
             return importance_report(log_w)
 
         def pooled() -> ImportanceReport:
-            # the same 2 x num_draws base draws for every base (common random numbers)
+            # the same two seeds for every base
             log_w = [_draw_log_weights(self._target, self.log_density, self.num_draws, seed)[1]
                      for seed in crn_seeds]  # fmt: skip
             return importance_report(torch.cat(log_w))
