@@ -354,8 +354,8 @@ def choose_tails(
     its boundary, a hierarchical scale -- makes ``p / q`` unbounded there, so importance
     weights are heavy-tailed however well the body fits. A unit-variance Student-t base
     (:attr:`~pyroflows.AutoFlowGuide.base_df`) keeps the fitted body's scale and gives the
-    guide polynomial tails. The guide's own base is scored first, then each of ``dfs``
-    lighter than it is skipped and the rest are tried in the given order (lightest tails,
+    guide polynomial tails. The guide's own base is scored first, then those of ``dfs`` with
+    heavier tails than it (all of them for a normal base) in the given order (lightest tails,
     i.e. largest df, first, so the fitted body changes least); the first with k-hat under
     ``threshold`` is kept. If none reaches it, the guide's base is left as it was.
 
@@ -367,7 +367,8 @@ def choose_tails(
             ``num_draws`` draws, a margin for the noise of k-hat).
 
     Returns:
-        Whether a base with k-hat < 0.7 was found, and every ``(base_df, report)`` scored
+        Whether a base with k-hat under ``threshold`` was found, and every
+        ``(base_df, report)`` scored
         (``None``: the normal base).
     """
     original = guide.base_df
@@ -517,10 +518,9 @@ class VI:
             Student-t degrees of freedom are tried for its base, largest first, and the
             first under 0.6 on the same draws is kept (:func:`choose_tails`); the report
             is then re-estimated on another ``num_draws`` fresh draws. ``None`` or ``()``:
-            never.
-            On garch (posteriordb, seed 2) the default guide went from k-hat 0.72
-            [0.49-0.83] over three draw sets to 0.35 [0.33-0.36] (df 10), with mean / sd
-            errors 0.045 / 0.064 reference sd.
+            never. In ``benchmarks/posteriordb.py`` it took garch's default guide from
+            k-hat 0.70 [0.56-0.77] over three draw sets to 0.51 [0.43-0.53] (df 10), with
+            mean / sd errors 0.03 / 0.09 reference sd.
         seed: Seed for everything random in :meth:`run` (``None``: the global RNG state).
         progress_bar: Show a tqdm progress bar.
 
