@@ -276,9 +276,8 @@ class AutoFlowGuide(AutoContinuous):
         leftover of a different guide, and a ``ValueError`` says to clear the store.
         """
         store = pyro.get_param_store()
-        prefix = _fullname(self._pyro_name, "flows")
         for name, param in list(self.flows.named_parameters()):
-            full = param_with_module_name(prefix, name)
+            full = self._store_name(f"flows.{name}")
             stored = store._params.get(full)
             if stored is None or stored is param:
                 continue

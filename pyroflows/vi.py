@@ -384,35 +384,36 @@ def choose_tails(
     return False, tried
 
 
+def _float_sequence(
+    name: str, value: object, minimum: float, description: str, *, nonempty: bool
+) -> tuple[float, ...]:
+    """``value`` as a tuple of finite floats above ``minimum``, or a ValueError naming
+    ``name`` (``description`` says what is expected)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str)
+    values = tuple(value) if ok else ()
+    real = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values
+    )
+    if not ok or (nonempty and not values) or not real or not all(v > minimum for v in values):
+        raise ValueError(f"{name} must be {description}; got {value!r}")
+    return tuple(float(v) for v in values)
+
+
 def _check_tail_dfs(tail_dfs: object) -> tuple[float, ...]:
     if tail_dfs is None:
         return ()
-    ok = isinstance(tail_dfs, Sequence) and not isinstance(tail_dfs, str)
-    values = tuple(tail_dfs) if ok else (tail_dfs,)
-    if not ok or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 2
-        for v in values
-    ):
-        raise ValueError(
-            f"tail_dfs must be a sequence of finite floats > 2 (Student-t degrees of freedom "
-            f"with a finite variance) or None; got {tail_dfs!r}"
-        )
-    return tuple(float(v) for v in values)
+    what = (
+        "a sequence of finite floats > 2 (Student-t degrees of freedom with a finite "
+        "variance) or None"
+    )
+    return _float_sequence("tail_dfs", tail_dfs, 2.0, what, nonempty=False)
 
 
 # ---------------------------------------------------------------- the driver
 def _check_step_sizes(step_sizes: object) -> tuple[float, ...]:
-    ok = isinstance(step_sizes, Sequence) and not isinstance(step_sizes, str) and step_sizes
-    values = tuple(step_sizes) if ok else ()
-    if not values or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in values
-    ):
-        raise ValueError(
-            f"step_sizes must be a non-empty sequence of positive finite floats; got "
-            f"{step_sizes!r}"
-        )
-    return tuple(float(v) for v in values)
+    what = "a non-empty sequence of positive finite floats"
+    return _float_sequence("step_sizes", step_sizes, 0.0, what, nonempty=True)
 
 
 def _check_fraction(name: str, value: object) -> float:
