@@ -20,54 +20,76 @@ DIAG_MIN = 1e-4
 _SHIFT = math.log(math.expm1(1.0 - DIAG_MIN))  # softplus(shift) + DIAG_MIN == 1
 
 
-def lu_factors(lower: Tensor, upper: Tensor, diag_raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Unit lower-triangular L, upper-triangular U with diagonal softplus(·) + 10⁻⁴ > 0, and
-    log diag(U). The raw vectors ``(*batch, D(D−1)/2)`` fill the strict triangles."""
-    d = diag_raw.shape[-1]
-    rows, cols = torch.tril_indices(d, d, -1, device=lower.device)
-    diag = F.softplus(diag_raw + _SHIFT) + DIAG_MIN
-    eye = torch.eye(d, dtype=lower.dtype, device=lower.device)
-    if lower.dim() == upper.dim() == diag.dim() == 1:  # one matrix: out-of-place fills
-        # (3 ops instead of 7 and no broadcast_shapes, ~15 us: the cost at small D)
-        l_mat = eye.index_put((rows, cols), lower)
-        return l_mat, torch.diag(diag).index_put((cols, rows), upper), diag.log()
-    batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], diag_raw.shape[:-1])
-    l_mat = eye.expand(*batch, d, d).clone()
-    l_mat[..., rows, cols] = lower
-    u_mat = torch.diag_embed(diag.expand(*batch, d))
-    u_mat[..., cols, rows] = upper
-    return l_mat, u_mat, diag.log()
+def lu_factors(lu: Tensor) -> tuple[Tensor, Tensor]:
+    """The packed factors ``m`` of raw ``lu`` ``(*batch, D, D)`` and log diag(U).
+
+    L = I + the strict lower triangle of ``m`` (unit lower triangular) and U = the upper
+    triangle of ``m``, whose diagonal is softplus(diag ``lu``) + 10⁻⁴ > 0 (zuko's packing
+    with a positive diagonal). Triangular solves read their triangle of ``m`` directly.
+    """
+    diag = F.softplus(lu.diagonal(dim1=-2, dim2=-1) + _SHIFT) + DIAG_MIN  # (*batch, D)
+    return lu.diagonal_scatter(diag, dim1=-2, dim2=-1), diag.log()
 
 
-def _linear_lu(
-    x: Tensor, lower: Tensor, upper: Tensor, diag_raw: Tensor, bias: Tensor, perm: Tensor
-) -> tuple[Tensor, Tensor]:
-    """y = P L U x + b, with (P v)_i = v_{perm_i}; log|det J| = Σ log U_ii, O(D)."""
-    l_mat, u_mat, log_diag = lu_factors(lower, upper, diag_raw)
-    w = l_mat @ u_mat  # (*pbatch, D, D)
-    v = x @ w.mT if w.dim() == 2 else (w @ x.unsqueeze(-1)).squeeze(-1)
-    y = v[..., perm] + bias
+def _more_points_than_dims(x: Tensor) -> bool:
+    """Whether forming the D x D matrix (D³) costs less than a second pass over the points."""
+    d = x.shape[-1]
+    return d > 0 and x.numel() // d > d
+
+
+def _matvec(a: Tensor, v: Tensor) -> Tensor:
+    """``a @ v`` for every point of ``v`` ``(*batch, D)``; ``a`` is (D, D) or batched."""
+    return v @ a.mT if a.dim() == 2 else (a @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _linear_lu(x: Tensor, lu: Tensor, bias: Tensor, perm: Tensor | None) -> tuple[Tensor, Tensor]:
+    """y = P L U x + b, with (P v)_i = v_{perm_i} (``None``: P = I); log|det J| = Σ log U_ii.
+
+    One matrix and more points N than D: W = P L U is formed once (D³ + N D²); fewer points go
+    through U, then L (2 N D², no D³). Batched matrices (a conditional flow): per point.
+    """
+    m, log_diag = lu_factors(lu)
+    upper, strict_lower = m.triu(), m.tril(-1)
+    if m.dim() == 2 and _more_points_than_dims(x):
+        w = torch.addmm(upper, strict_lower, upper)  # (I + L₀) U
+        w = w if perm is None else w[perm]
+        y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w.mT).reshape(x.shape)
+    else:
+        u_x = _matvec(upper, x)
+        l_u_x = u_x + _matvec(strict_lower, u_x)
+        y = (l_u_x if perm is None else l_u_x[..., perm]) + bias
     return y, log_diag.sum(-1).expand(y.shape[:-1])
 
 
 def _linear_lu_inverse(
-    y: Tensor, lower: Tensor, upper: Tensor, diag_raw: Tensor, bias: Tensor, perm: Tensor
+    y: Tensor, lu: Tensor, bias: Tensor, perm: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """x = U⁻¹ L⁻¹ Pᵀ (y − b) by two triangular solves, O(D²) per point; and the forward
-    log-det Σ log U_ii."""
-    l_mat, u_mat, log_diag = lu_factors(lower, upper, diag_raw)
+    """x = U⁻¹ L⁻¹ Pᵀ (y − b), and the forward log-det Σ log U_ii.
+
+    One matrix and more points N than D: W⁻¹ is formed by two triangular solves against Pᵀ
+    (D³) and applied in one product whose input needs no gradient (N D²); fewer points are
+    the columns of two triangular solves (2 N D²). Batched matrices: two solves per point.
+    """
+    m, log_diag = lu_factors(lu)
+    d = y.shape[-1]
+    solve = torch.linalg.solve_triangular
+    if m.dim() == 2 and _more_points_than_dims(y):
+        p_t = torch.eye(d, dtype=y.dtype, device=y.device)
+        p_t = p_t if perm is None else p_t[perm].mT
+        w_inv = solve(m, solve(m, p_t, upper=False, unitriangular=True), upper=True)
+        x = torch.addmm(-(bias @ w_inv.mT), y.reshape(-1, d), w_inv.mT).reshape(y.shape)
+        return x, log_diag.sum(-1).expand(x.shape[:-1])
     rhs = y - bias
-    v = torch.empty_like(rhs)
-    v[..., perm] = rhs
-    if l_mat.dim() == 2:  # one matrix: every point is a column of one solve, (D, N)
-        cols = v.reshape(-1, v.shape[-1]).T
-        w = torch.linalg.solve_triangular(l_mat, cols, upper=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(u_mat, w, upper=True).T.reshape(v.shape)
+    if perm is not None:
+        rhs = torch.empty_like(rhs).index_copy_(-1, perm, rhs)  # Pᵀ: v_{perm_i} = rhs_i
+    if m.dim() == 2:  # every point is a column of one solve, (D, N)
+        cols = rhs.reshape(-1, d).mT
+        cols = solve(m, solve(m, cols, upper=False, unitriangular=True), upper=True)
+        x = cols.mT.reshape(y.shape)
     else:  # batched matrices (a conditional flow): one solve per point
-        batch = torch.broadcast_shapes(v.shape[:-1], l_mat.shape[:-2])
-        v = v.expand(*batch, v.shape[-1]).unsqueeze(-1)
-        w = torch.linalg.solve_triangular(l_mat, v, upper=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(u_mat, w, upper=True).squeeze(-1)
+        batch = torch.broadcast_shapes(rhs.shape[:-1], m.shape[:-2])
+        col = rhs.expand(*batch, d).unsqueeze(-1)
+        x = solve(m, solve(m, col, upper=False, unitriangular=True), upper=True).squeeze(-1)
     return x, log_diag.sum(-1).expand(x.shape[:-1])
 
 
@@ -81,7 +103,9 @@ class LinearLU(FlowModule):
     ``starts_at_identity = False``.
 
     Note:
-        The inverse takes two triangular solves, O(D²) per point.
+        Both directions cost the same: a batch of N > D points is mapped by one D x D
+        matrix, W or W⁻¹, formed once per call (a product, or two triangular solves: D³);
+        N ≤ D points go through the two triangular factors (products, or solves: 2 N D²).
 
     Args:
         input_dim: Dimension D of the event.
@@ -105,23 +129,29 @@ class LinearLU(FlowModule):
     def __init__(self, input_dim: int, permutation: Sequence[int] | Tensor | None = None) -> None:
         super().__init__(cache_size=1)
         self.input_dim = check_positive_int("input_dim", input_dim)
-        n_off = input_dim * (input_dim - 1) // 2
         self.perm: Tensor
         self.register_buffer("perm", check_permutation(permutation, input_dim))
-        self.starts_at_identity = bool(torch.equal(self.perm, torch.arange(input_dim)))
-        self.lower = nn.Parameter(torch.empty(n_off))
-        self.upper = nn.Parameter(torch.empty(n_off))
-        self.diag_raw = nn.Parameter(torch.empty(input_dim))
+        self._note_permutation()
+        #: raw L and U in one matrix: strict lower triangle L, strict upper triangle U, and
+        #: the diagonal of U before its positivity map (:func:`lu_factors`)
+        self.lu = nn.Parameter(torch.empty(input_dim, input_dim))
         self.bias = nn.Parameter(torch.empty(input_dim))
         self.reset_parameters()
 
+    def _note_permutation(self) -> None:
+        self.starts_at_identity = bool(torch.equal(self.perm.cpu(), torch.arange(self.input_dim)))
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._note_permutation()  # the loaded buffer may hold another permutation
+
     def reset_parameters(self) -> None:
         """Identity start (up to P): L = U = I, b = 0."""
-        for p in (self.lower, self.upper, self.diag_raw, self.bias):
+        for p in (self.lu, self.bias):
             nn.init.zeros_(p)
 
     def params(self) -> tuple[Tensor, ...]:
-        return self.lower, self.upper, self.diag_raw, self.bias, self.perm
+        return self.lu, self.bias, None if self.starts_at_identity else self.perm
 
 
 class ConditionalLinearLU(ConditionalTransformModule):
@@ -145,8 +175,7 @@ class ConditionalLinearLU(ConditionalTransformModule):
         super().__init__()
         self.input_dim = check_positive_int("input_dim", input_dim)
         self.context_dim = check_positive_int("context_dim", context_dim)
-        n_off = input_dim * (input_dim - 1) // 2
-        self.param_dims = [n_off, n_off, input_dim, input_dim]
+        self.param_dims = [input_dim * input_dim, input_dim]  # raw L and U (lu_factors), b
         self.nn = hypernet(context_dim, check_hidden_dims(hidden_dims, []), self.param_dims)
         self.reset_parameters()
 
@@ -157,9 +186,8 @@ class ConditionalLinearLU(ConditionalTransformModule):
 
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
-        raws = self.nn(context).split(self.param_dims, -1)
-        perm = torch.arange(self.input_dim, device=context.device)
-        params = (*raws, perm)
+        lu, bias = self.nn(context).split(self.param_dims, -1)
+        params = (lu.unflatten(-1, (self.input_dim, self.input_dim)), bias, None)
         return ParamFlow(
             _linear_lu, _linear_lu_inverse, params, "LinearLU", self.input_dim, inverse_ladj=True
         )
