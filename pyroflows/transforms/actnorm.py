@@ -39,9 +39,14 @@ def _actnorm(x: Tensor, loc: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _actnorm_inverse(y: Tensor, loc: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
-    """x = (y − loc) / s, and the forward log-det Σ log s."""
+    """x = y / s − loc / s, and the forward log-det Σ log s.
+
+    One fused multiply-add over the points (the per-coordinate 1/s and loc/s are computed
+    once), whose backward needs no product with the points except for the gradient of 1/s.
+    """
     scale = actnorm_scale(raw)
-    x = (y - loc) / scale
+    inv = scale.reciprocal()
+    x = torch.addcmul(-loc * inv, y, inv)
     return x, scale.log().sum(-1).expand(x.shape[:-1])
 
 
