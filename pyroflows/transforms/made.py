@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -126,13 +127,24 @@ def solve_autoregressive(step: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
     autograd it runs all ``D`` passes, since the unrolled forward substitution is exactly
     differentiable while a truncated one is not.
     """
-    x = y
+    return solve_autoregressive_aux(lambda x: (step(x), None), y)[0]
+
+
+def solve_autoregressive_aux(
+    step: Callable[[Tensor], tuple[Tensor, Any]], y: Tensor
+) -> tuple[Tensor, Any]:
+    """:func:`solve_autoregressive` for a ``step`` returning ``(x_new, aux)``; also returns
+    the ``aux`` of the last pass. That pass read an input whose first ``D − 1`` variables
+    were already exact, so anything a function of the strictly earlier variables (MAF's
+    scales) is exact there, in value and, as the same function of the parameters, gradient.
+    """
+    x, aux = y, None
     for _ in range(y.shape[-1]):
-        x_new = step(x)
+        x_new, aux = step(x)
         if not x_new.requires_grad and x_new.shape == x.shape and torch.equal(x_new, x):
-            return x_new
+            return x_new, aux
         x = x_new
-    return x
+    return x, aux
 
 
 class MaskedLinear(nn.Linear):

@@ -11,7 +11,7 @@ from torch import Tensor
 from pyroflows._utils import check_context, check_hidden_dims, check_positive_int
 from pyroflows.transforms._base import FlowModule, ParamFlow
 from pyroflows.transforms.iaf import _AFFINE_SHIFT, _affine_scale, _made_split
-from pyroflows.transforms.made import MADE, MadeLayers, solve_autoregressive
+from pyroflows.transforms.made import MADE, MadeLayers, solve_autoregressive_aux
 
 
 def _maf_density(y: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, Tensor]:
@@ -23,14 +23,15 @@ def _maf_density(y: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, T
 
 def _maf_sample(x: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, Tensor]:
     """y = μ(y) + σ(y) ⊙ x (Papamakarios et al. 2017, Eq. 2), solved in at most D passes;
-    the log-det Σ log σ(y) takes one more pass."""
+    the log-det Σ log σ(y) is the last pass's (exact there: σ_i reads only y_<i)."""
 
-    def step(y: Tensor) -> Tensor:
+    def step(y: Tensor) -> tuple[Tensor, Tensor]:
         mu, s = _made_split(y, layers)
-        return torch.addcmul(mu, _affine_scale(s, shift), x)
+        sigma = _affine_scale(s, shift)
+        return torch.addcmul(mu, sigma, x), sigma
 
-    y = solve_autoregressive(step, x)
-    return y, _maf_density(y, layers, shift)[1]
+    y, sigma = solve_autoregressive_aux(step, x)
+    return y, sigma.log().sum(-1)
 
 
 class MAF(FlowModule):
@@ -45,8 +46,8 @@ class MAF(FlowModule):
     layers.
 
     Note:
-        Sampling (the forward map) takes D + 1 sequential MADE passes; ``log_prob`` of any
-        point takes one. The log-det is a function of ``y`` alone and is computed from it.
+        Sampling (the forward map) takes D sequential MADE passes, the log-det included;
+        ``log_prob`` of any point takes one. The log-det is a function of ``y`` alone.
 
     Args:
         input_dim: Dimension D of the event.
