@@ -11,7 +11,9 @@ and the same conditioner widths (two hidden layers of ``--hidden`` units):
   layer for coupling flows, D sequential passes per layer for every MAF (ours, Pyro's and
   zuko's alike).
 
-Families and peers: ``realnvp`` vs Pyro's ``affine_coupling`` and zuko's ``RealNVP``;
+Families and peers: ``nice`` (additive coupling with NICE's scaling) has no equivalent in
+Pyro or zuko: its columns are their affine coupling flows, the nearest (which also compute a
+scale); ``realnvp`` vs Pyro's ``affine_coupling`` and zuko's ``RealNVP``;
 ``spline`` vs Pyro's ``spline_coupling`` (8 bins, bound 3) and zuko's ``NSF`` (8 bins,
 ``passes=2``: coupling); ``maf`` vs the inverse of Pyro's ``affine_autoregressive`` and
 zuko's ``MAF``; ``actnorm`` vs Pyro's ``BatchNorm`` in eval mode (a fixed elementwise affine
@@ -26,6 +28,9 @@ at least ``--repeats`` rounds after a warm-up round, more while under 1 s; 3 rou
 the warm-up round took over 2 s, the warm-up round alone when it took over 60 s); rows whose
 rough multiply-add count (``work``) exceeds ``--max-work`` are skipped: with the default
 only MAF sampling at K = 8, D = 512, B = 8192 (3.4e12, minutes per call for each model).
+A model whose estimated peak memory for a ``train`` row (``TRAIN_BYTES``, measured) exceeds
+``--max-memory-gb`` is left out of that row (its column reads ``-``, the row says why): Pyro's
+and zuko's spline couplings at K = 8, D = 512, B = 8192 would need about 20 GB each.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/density_speed.py`` (the full grid: K in {1, 8},
 D in {2, 64, 512}, B in {1, 256, 8192}, every family and op; see the results file for its
@@ -58,7 +63,7 @@ try:
 except ImportError:  # optional, benchmark-only
     zuko = None
 
-COUPLING = ("realnvp", "spline", "maf")
+COUPLING = ("nice", "realnvp", "spline", "maf")
 ELEMENTWISE_OR_LINEAR = ("actnorm", "linear-lu")
 SLOW_ROUND_S = 2.0
 """A row whose first (warm-up) round takes longer is timed over 3 rounds only."""
@@ -68,6 +73,10 @@ spline at K = 8, D = 512, B = 8192 and zuko's LU sampling there, several minutes
 GCP_MAX_ELEMENTS = 2**28
 """Pyro's ``GeneralizedChannelPermute`` materialises a (B, D, D) product in both directions;
 rows where that exceeds 2^28 floats (1 GiB) have no Pyro column."""
+TRAIN_BYTES = {"spline": {"ours": 200, "pyro": 650, "zuko": 700}}
+"""Bytes per layer and per element of the batch (B x D) that a ``train`` call's autograd graph
+holds, by family and model (peak RSS of ``log_prob(x).sum().backward()`` at K = 1 and 2,
+D = 512, B = 2048, rounded up); other families hold a few floats per element."""
 
 
 def _dist(layers: list, d: int) -> dist.TransformedDistribution:
@@ -101,6 +110,7 @@ def pyro_peer(family: str, k: int, d: int, h: int, b: int) -> dist.Distribution 
     if family == "maf" and h < d:  # AutoRegressiveNN: "Hidden dimension must not be less"
         return None
     make = {
+        "nice": lambda: T.affine_coupling(d, hidden_dims=[h, h]),  # nearest: affine
         "realnvp": lambda: T.affine_coupling(d, hidden_dims=[h, h]),
         "spline": lambda: T.spline_coupling(d, hidden_dims=[h, h], count_bins=8, bound=3.0),
         "maf": lambda: T.affine_autoregressive(d, hidden_dims=[h, h]).inv,
@@ -138,7 +148,12 @@ def zuko_peer(family: str, k: int, d: int, h: int) -> _Zuko | None:
             zuko.distributions.DiagNormal, torch.zeros(d), torch.ones(d), buffer=True
         )
         return _Zuko(zuko.flows.Flow(layers, base))
-    cls = {"realnvp": zuko.flows.RealNVP, "spline": zuko.flows.NSF, "maf": zuko.flows.MAF}
+    cls = {
+        "nice": zuko.flows.RealNVP,
+        "realnvp": zuko.flows.RealNVP,
+        "spline": zuko.flows.NSF,
+        "maf": zuko.flows.MAF,
+    }
     # NSF with passes=2 is a coupling flow, as ours and Pyro's spline_coupling
     opts = {"bins": 8, "passes": 2} if family == "spline" else {}
     return _Zuko(cls[family](d, transforms=k, hidden_features=(h, h), **opts))
@@ -174,6 +189,13 @@ def work(family: str, op: str, k: int, d: int, b: int, h: int) -> float:
     return passes(family, op, d) * k * b * (d * h + h * h + h * out)
 
 
+def train_gb(family: str, name: str, k: int, d: int, b: int) -> float:
+    """Estimated peak memory (GB) of one ``train`` call: :data:`TRAIN_BYTES` x (K + 1) x B x D
+    (the K = 1 measurement holds about two layers' worth)."""
+    per = TRAIN_BYTES.get(family, {}).get(name, 16)
+    return per * (k + 1) * b * d / 1e9
+
+
 def rows(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cpu")
     out = []
@@ -204,7 +226,18 @@ def config_rows(
             out.append(row | {"skipped": True})
             print(fmt(out[-1]), flush=True)
             continue
-        fns = [ops(models[n], x)[op] for n in names]
+        names_op = names
+        if op == "train":
+            big = [n for n in names if train_gb(family, n, k, d, b) > args.max_memory_gb]
+            names_op = [n for n in names if n not in big]
+            if big:
+                est = ", ".join(f"{n} ~{train_gb(family, n, k, d, b):.2g} GB" for n in big)
+                row["memory_note"] = f"not run: {est} > --max-memory-gb {args.max_memory_gb:g}"
+        if not names_op:
+            out.append(row | {"skipped": True})
+            print(fmt(out[-1]), flush=True)
+            continue
+        fns = [ops(models[n], x)[op] for n in names_op]
         start = time.perf_counter()
         warm = []  # one warm-up round, timed: slow rows get fewer rounds
         for fn in fns:
@@ -218,8 +251,8 @@ def config_rows(
             repeats = 3 if slow else args.repeats
             ms = time_interleaved(fns, device, repeats, warmup=0 if slow else 1, budget_s=1.0)
         row["seconds"] = time.perf_counter() - start
-        row |= dict(zip(names, ms, strict=True))
-        peers = [row[n] for n in names if n != "ours"]
+        row |= dict(zip(names_op, ms, strict=True))
+        peers = [row[n] for n in names_op if n != "ours"]
         row["ratio"] = min(peers) / row["ours"] if peers else float("nan")
         out.append(row)
         print(fmt(row), flush=True)
@@ -229,11 +262,14 @@ def config_rows(
 def fmt(r: dict) -> str:
     head = f"| {r['family']} | {r['K']} | {r['D']} | {r['B']} | {r['op']} |"
     if r.get("skipped"):
-        return f"{head} skipped (--max-work) | | | |"
+        why = r.get("memory_note", "--max-work")
+        return f"{head} skipped ({why}) | | | |"
     p = f"{r['pyro']:.3f}" if "pyro" in r else "-"
     z = f"{r['zuko']:.3f}" if "zuko" in r else "-"
     note = " (1 round)" if r.get("rounds") == 1 else ""
-    return f"{head} {r['ours']:.3f} | {p} | {z} | {r['ratio']:.2f}{note} |"
+    note += f" (peers {r['memory_note']})" if "memory_note" in r else ""
+    ratio = "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}"
+    return f"{head} {r['ours']:.3f} | {p} | {z} | {ratio}{note} |"
 
 
 def write(args: argparse.Namespace, res: list[dict]) -> Path:
@@ -268,10 +304,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-work", type=float, default=1e12, help="skip rows above (work())")
+    p.add_argument("--max-memory-gb", type=float, default=12.0, help="see TRAIN_BYTES")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="D in {2, 64}, B in {1, 256}")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    known = (*COUPLING, *ELEMENTWISE_OR_LINEAR)
+    unknown = [f for f in args.families if f not in known]
+    if unknown:
+        p.error(f"--families: {unknown} not timed here; choose from {list(known)}")
     if args.quick:
         args.dims, args.batches = [2, 64], [1, 256]
     return args

@@ -18,7 +18,7 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.parametrize("family", ["realnvp", "spline", "maf", "actnorm", "linear-lu"])
+@pytest.mark.parametrize("family", ["nice", "realnvp", "spline", "maf", "actnorm", "linear-lu"])
 def test_density_speed_rows(family):
     speed = _load("density_speed")
     args = speed.parse_args(["--repeats", "1", "--families", family])
@@ -77,3 +77,26 @@ def test_density_speed_slow_rows_and_missing_peers(monkeypatch):
     # Pyro's MADE needs hidden >= D: no Pyro MAF column at D = 512 with 64 hidden units
     assert speed.pyro_peer("maf", 1, 512, 64, 1) is None
     assert speed.pyro_peer("linear-lu", 1, 512, 64, 8192) is None  # (B, D, D) > 2^28
+
+
+def test_density_speed_leaves_out_models_over_the_memory_limit():
+    speed = _load("density_speed")
+    # the row that took the whole 23 GB machine: Pyro's and zuko's splines, not ours
+    assert speed.train_gb("spline", "ours", 8, 512, 8192) < 12
+    assert speed.train_gb("spline", "pyro", 8, 512, 8192) > 12
+    assert speed.train_gb("spline", "zuko", 8, 512, 8192) > 12
+    args = speed.parse_args(["--repeats", "1", "--ops", "train", "--max-memory-gb", "1e-6"])
+    (row,) = speed.config_rows(args, torch.device("cpu"), "spline", 1, 4, 1000)
+    assert row["skipped"] and "skipped (not run: ours ~0.0016 GB, pyro" in speed.fmt(row)
+    args = speed.parse_args(["--repeats", "1", "--ops", "train", "--max-memory-gb", "2.5e-3"])
+    (row,) = speed.config_rows(args, torch.device("cpu"), "spline", 1, 4, 1000)
+    assert row["ours"] > 0 and "pyro" not in row and "zuko" not in row
+    assert speed.fmt(row).endswith(
+        "| - | - | - (peers not run: pyro ~0.0052 GB, zuko ~0.0056 GB > --max-memory-gb 0.0025) |"
+    )
+
+
+def test_density_speed_rejects_families_it_does_not_time():
+    speed = _load("density_speed")
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--families", "planar"])
