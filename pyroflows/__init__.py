@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from pyroflows import datasets, objectives, transforms
 from pyroflows.amortized import AutoAmortizedFlowGuide
+from pyroflows.density import FlowDensity
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
 from pyroflows.objectives import log_likelihood
@@ -19,6 +20,7 @@ __all__ = [
     "AutoFlowGuide",
     "CONDITIONAL_FLOWS",
     "FLOWS",
+    "FlowDensity",
     "FlowEncoder",
     "Trainer",
     "VAE",

@@ -218,11 +218,13 @@ def _one_pass(
     model_trace, guide_trace = _traces(model, guide, args, kwargs)
     local = local_dims(model_trace, guide_trace)
     k = max(num_particles, 1)
-    out = {
-        "log_p": sum_log_probs(model_trace, nesting, local, k),
-        "log_q": sum_log_probs(guide_trace, nesting, local, k),
-    }
+    log_p = sum_log_probs(model_trace, nesting, local, k)
     fixed_q, fixed_p = needs
+    if not any(site["type"] == "sample" for site in guide_trace.nodes.values()):
+        # no latent variables (e.g. a FlowDensity): log q = 0, every weight is log p(x)
+        zero = torch.zeros_like(log_p)
+        return LogWeights(log_p, zero, zero if fixed_q else None, log_p if fixed_p else None)
+    out = {"log_p": log_p, "log_q": sum_log_probs(guide_trace, nesting, local, k)}
     if fixed_q or fixed_p:
         detached = _detached(guide_trace)
     if fixed_q:
