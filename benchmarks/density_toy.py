@@ -1,7 +1,8 @@
 """Two-moons density estimation over seeds: each family of ours against its equivalents.
 
 Runs ``examples/density_estimation.py`` (task ``toy``) once per seed and family with the
-same budget for every model (steps, batch, learning rate, early stopping, widths, K), and
+same budget for every model (steps, batch, learning rate, early stopping, widths, K: the
+example fits every model with ``pyroflows.Trainer``), and
 writes ``benchmarks/results/density_toy.md``: per family, ours against each equivalent in
 Pyro and zuko (``EQUIVALENTS`` of the example), the mean and spread over seeds, and the gap
 to the best equivalent. The issue's criterion: ours within 0.05 nats of that best.
@@ -120,7 +121,7 @@ def render(done: dict, example, args: argparse.Namespace) -> str:  # noqa: ANN00
         "# Density estimation, two moons: ours against Pyro's and zuko's equivalents",
         "",
         f"`benchmarks/density_toy.py` (seeds {seeds}, at most {args.num_steps} steps, "
-        f"patience {args.patience}; the example's other defaults), torch {torch.__version__}, "
+        f"patience {args.patience} epochs; the example's other defaults), torch {torch.__version__}, "
         f"pyro {pyro.__version__}, zuko "
         f"{example.zuko.__version__ if example.zuko else 'not installed'}, 1 thread.",
         "Test log-likelihood in nats, mean ± sd over seeds (each seed draws its own data and "
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--families", nargs="+", default=None, help="ours (their peers follow)")
     p.add_argument("--num-steps", type=int, default=3000)
-    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--patience", type=int, default=60, help="epochs (16 steps each)")
     p.add_argument("--json", type=Path, default=RESULTS / "density_toy.json")
     p.add_argument("--output", type=Path, default=RESULTS / "density_toy.md")
     p.add_argument("--render", action="store_true", help="only rewrite the table")

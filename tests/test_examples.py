@@ -95,8 +95,7 @@ def test_density_equivalents_build_and_score():
         peers = [p for p in peers if not p.startswith("zuko-")]
     x = torch.randn(5, 2)
     for family in peers:
-        layers = example.build(family, 2, 2, 8)
-        lp = example.model_of(layers, 2).log_prob(x)
+        lp = example.density_of(family, 2, 2, 8).log_prob(x)
         assert lp.shape == (5,) and torch.isfinite(lp).all(), family
         lp.sum().backward()
     coupling = example.build("pyro-additive-coupling", 2, 1, 8)[0]
