@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,14 @@ class UsageError(Exception):
     """A user error: printed as one line naming the flag, exit status 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, and lines wrapped at spaces only: flow names such as
+    ``sylvester-orthogonal`` stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _add_vae_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "vae",
@@ -57,7 +66,7 @@ def _add_vae_parser(sub: argparse._SubParsersAction) -> None:
         "write results.json, vae.png (data, reconstructions, samples) and a checkpoint. The "
         "paper's settings (van den Berg et al. 2018) are --architecture conv --epochs 2000 "
         "--warmup 100 --patience 100 --optimizer adamax --lr 5e-4 --num-samples 5000.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     flows = ", ".join(["none", *sorted(CONDITIONAL_FLOWS)])
     p.add_argument("--dataset", default="mnist", choices=DATASETS, help="benchmark dataset")

@@ -73,11 +73,12 @@ def conjugate_posterior() -> dist.MultivariateNormal:
     return dist.MultivariateNormal(mean, cov)
 
 
-# The spline coupling layer has 3K - 1 = 23 raw outputs per coordinate; on this Gaussian
-# target (where the best flow is the identity) the random walk of its conditioner under
-# 16-particle gradients leaves KL = 0.05 after 300 steps and 0.02 after 600 (measured), so
-# it gets a longer budget rather than a looser tolerance.
-CONJUGATE_STEPS = {"spline": 1000}
+# The spline layers have 3K - 1 = 23 raw outputs per coordinate; on this Gaussian target
+# (where the best flow is the identity) the random walk of their conditioners under
+# 16-particle gradients leaves KL = 0.05 after 300 steps and 0.02 after 600 for the coupling
+# (measured; 0.037 after 300 for the autoregressive spline), so they get a longer budget
+# rather than a looser tolerance.
+CONJUGATE_STEPS = {"spline": 1000, "spline-ar": 1000}
 
 
 @pytest.mark.parametrize("name", sorted(FLOWS))

@@ -158,6 +158,7 @@ def test_reversal_placement_follows_class_metadata(flow):
     enc = small_encoder(flow, num_flows=3)
     ts = enc.transforms(torch.zeros(2, 5, dtype=torch.float64))
     ordered = {"iaf", "iaf-gated", "sylvester-triangular", "nice", "realnvp", "spline", "maf"}
+    ordered |= {"spline-ar"}
     reversals = [isinstance(t, Reverse) for t in ts]
     if flow in ordered:
         assert reversals == [False, True, False, True, False]

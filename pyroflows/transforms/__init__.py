@@ -62,6 +62,12 @@ from pyroflows.transforms.spline import (
     conditional_spline,
     spline,
 )
+from pyroflows.transforms.spline_autoregressive import (
+    ConditionalSplineAutoregressive,
+    SplineAutoregressive,
+    conditional_spline_autoregressive,
+    spline_autoregressive,
+)
 from pyroflows.transforms.sylvester import (
     ConditionalSylvester,
     Sylvester,
@@ -81,6 +87,7 @@ FLOWS: dict[str, Callable[[int], TransformModule]] = {
     "nice": nice,
     "realnvp": realnvp,
     "spline": spline,
+    "spline-ar": spline_autoregressive,
     "maf": maf,
     "actnorm": actnorm,
     "linear-lu": linear_lu,
@@ -97,6 +104,7 @@ CONDITIONAL_FLOWS: dict[str, Callable[[int, int], ConditionalTransformModule]] =
     "nice": conditional_nice,
     "realnvp": conditional_realnvp,
     "spline": conditional_spline,
+    "spline-ar": conditional_spline_autoregressive,
     "maf": conditional_maf,
     "actnorm": conditional_actnorm,
     "linear-lu": conditional_linear_lu,
@@ -115,6 +123,7 @@ __all__ = [
     "ConditionalPlanarStack",
     "ConditionalRadial",
     "ConditionalRealNVP",
+    "ConditionalSplineAutoregressive",
     "ConditionalSplineCoupling",
     "ConditionalSylvester",
     "IAF",
@@ -125,6 +134,7 @@ __all__ = [
     "Planar",
     "Radial",
     "RealNVP",
+    "SplineAutoregressive",
     "SplineCoupling",
     "Sylvester",
     "actnorm",
@@ -139,6 +149,7 @@ __all__ = [
     "conditional_radial",
     "conditional_realnvp",
     "conditional_spline",
+    "conditional_spline_autoregressive",
     "conditional_sylvester",
     "gated_iaf",
     "iaf",
@@ -153,6 +164,7 @@ __all__ = [
     "radial_alpha_gamma",
     "realnvp",
     "spline",
+    "spline_autoregressive",
     "sylvester",
     "sylvester_r",
 ]

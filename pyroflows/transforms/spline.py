@@ -125,7 +125,7 @@ def _temperature(net: CouplingNet) -> float:
     return math.sqrt(max(net.weight[-1].shape[1], 1))
 
 
-def _check(bins: int, bound: float) -> tuple[int, float]:
+def check_bins_bound(bins: int, bound: float) -> tuple[int, float]:
     check_positive_int("bins", bins)
     if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
         raise ValueError(f"bound must be a positive number; got {bound!r}")
@@ -172,7 +172,7 @@ class SplineCoupling(CouplingFlow):
         bins: int = 8,
         bound: float = 3.0,
     ) -> None:
-        self.bins, self.bound = _check(bins, bound)
+        self.bins, self.bound = check_bins_bound(bins, bound)
         self.params_per_dim = 3 * bins - 1
         super().__init__(input_dim, hidden_dims)
         self.reset_parameters()
@@ -209,7 +209,7 @@ class ConditionalSplineCoupling(ConditionalCouplingFlow):
         bins: int = 8,
         bound: float = 3.0,
     ) -> None:
-        self.bins, self.bound = _check(bins, bound)
+        self.bins, self.bound = check_bins_bound(bins, bound)
         self.params_per_dim = 3 * bins - 1
         super().__init__(input_dim, context_dim, hidden_dims)
         self.reset_parameters()
