@@ -27,10 +27,12 @@ ours (> 1: ours is faster). Timings are interleaved medians (``_timing.time_inte
 at least ``--repeats`` rounds after a warm-up round, more while under 1 s; 3 rounds when
 the warm-up round took over 2 s, the warm-up round alone when it took over 60 s); rows whose
 rough multiply-add count (``work``) exceeds ``--max-work`` are skipped: with the default
-only MAF sampling at K = 8, D = 512, B = 8192 (3.4e12, minutes per call for each model).
+the D-pass sampling of MAF at K = 8 and of spline-ar at K = 1 and 8, D = 512, B = 8192
+(3.3e12 to 2.7e13, minutes per call for each model).
 A model whose estimated peak memory for a ``train`` row (``TRAIN_BYTES``, measured) exceeds
 ``--max-memory-gb`` is left out of that row (its column reads ``-``, the row says why): Pyro's
-and zuko's spline couplings at K = 8, D = 512, B = 8192 would need about 20 GB each.
+and zuko's spline couplings at K = 8, D = 512, B = 8192 would need about 20 GB each (and every
+autoregressive spline there, ours included).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/density_speed.py`` (the full grid: K in {1, 8},
 D in {2, 64, 512}, B in {1, 256, 8192}, every family and op; see the results file for its
@@ -63,7 +65,7 @@ try:
 except ImportError:  # optional, benchmark-only
     zuko = None
 
-COUPLING = ("nice", "realnvp", "spline", "maf")
+COUPLING = ("nice", "realnvp", "spline", "spline-ar", "maf")
 ELEMENTWISE_OR_LINEAR = ("actnorm", "linear-lu")
 SLOW_ROUND_S = 2.0
 """A row whose first (warm-up) round takes longer is timed over 3 rounds only."""
@@ -73,10 +75,15 @@ spline at K = 8, D = 512, B = 8192 and zuko's LU sampling there, several minutes
 GCP_MAX_ELEMENTS = 2**28
 """Pyro's ``GeneralizedChannelPermute`` materialises a (B, D, D) product in both directions;
 rows where that exceeds 2^28 floats (1 GiB) have no Pyro column."""
-TRAIN_BYTES = {"spline": {"ours": 200, "pyro": 650, "zuko": 700}}
+TRAIN_BYTES = {
+    "spline": {"ours": 200, "pyro": 650, "zuko": 700},
+    "spline-ar": {"ours": 600, "pyro": 950, "zuko": 700},
+}
 """Bytes per layer and per element of the batch (B x D) that a ``train`` call's autograd graph
-holds, by family and model (peak RSS of ``log_prob(x).sum().backward()`` at K = 1 and 2,
-D = 512, B = 2048, rounded up); other families hold a few floats per element."""
+holds, by family and model: the peak-RSS increase of ``log_prob(x).sum().backward()`` from
+K = 1 to K = 2 (D = 512, B = 2048; Pyro's spline-ar at D = 64, B = 8192), rounded up; other
+families hold a few floats per element. The autoregressive spline transforms every
+coordinate (the coupling half of them), hence its larger graph."""
 
 
 def _dist(layers: list, d: int) -> dist.TransformedDistribution:
@@ -107,13 +114,17 @@ def pyro_peer(family: str, k: int, d: int, h: int, b: int) -> dist.Distribution 
         if b * d * d > GCP_MAX_ELEMENTS:
             return None
         return _dist([t for _ in range(k) for t in _pyro_gcp(d)], d)
-    if family == "maf" and h < d:  # AutoRegressiveNN: "Hidden dimension must not be less"
+    if family in ("maf", "spline-ar") and h < d:  # AutoRegressiveNN: "Hidden dimension must
+        # not be less than the input dimension"
         return None
     make = {
         "nice": lambda: T.affine_coupling(d, hidden_dims=[h, h]),  # nearest: affine
         "realnvp": lambda: T.affine_coupling(d, hidden_dims=[h, h]),
         "spline": lambda: T.spline_coupling(d, hidden_dims=[h, h], count_bins=8, bound=3.0),
         "maf": lambda: T.affine_autoregressive(d, hidden_dims=[h, h]).inv,
+        "spline-ar": lambda: (
+            T.spline_autoregressive(d, hidden_dims=[h, h], count_bins=8, bound=3.0).inv
+        ),
     }[family]
     layers: list = []
     for i in range(k):
@@ -152,10 +163,12 @@ def zuko_peer(family: str, k: int, d: int, h: int) -> _Zuko | None:
         "nice": zuko.flows.RealNVP,
         "realnvp": zuko.flows.RealNVP,
         "spline": zuko.flows.NSF,
+        "spline-ar": zuko.flows.NSF,
         "maf": zuko.flows.MAF,
     }
     # NSF with passes=2 is a coupling flow, as ours and Pyro's spline_coupling
     opts = {"bins": 8, "passes": 2} if family == "spline" else {}
+    opts = {"bins": 8} if family == "spline-ar" else opts  # zuko's default NSF: autoregressive
     return _Zuko(cls[family](d, transforms=k, hidden_features=(h, h), **opts))
 
 
@@ -177,15 +190,15 @@ def ops(model: dist.Distribution | _Zuko, x: torch.Tensor) -> dict[str, Callable
 
 
 def passes(family: str, op: str, d: int) -> int:
-    """Sequential conditioner passes per layer: D for sampling MAF, else 1."""
-    return d if family == "maf" and op == "sample" else 1
+    """Sequential conditioner passes per layer: D for sampling MAF and spline-ar, else 1."""
+    return d if family in ("maf", "spline-ar") and op == "sample" else 1
 
 
 def work(family: str, op: str, k: int, d: int, b: int, h: int) -> float:
     """A rough multiply-add count of one call (the skip rule; see ``--max-work``)."""
     if family in ELEMENTWISE_OR_LINEAR:
         return k * b * (d * d if family == "linear-lu" else d)
-    out = d * (23 if family == "spline" else 2)
+    out = d * (23 if family.startswith("spline") else 2)
     return passes(family, op, d) * k * b * (d * h + h * h + h * out)
 
 

@@ -48,12 +48,13 @@ except ImportError:
     zuko = None
 
 ALPHA = 0.05  # logit(ALPHA + (1 - 2 ALPHA) v) keeps the logit finite at v = 0, 1
-TOY_FAMILIES = ["nice", "realnvp", "spline", "maf", "iaf", "glow"]
+TOY_FAMILIES = ["nice", "realnvp", "spline", "spline-ar", "maf", "iaf", "glow"]
 # ours -> its equivalents in Pyro and zuko (same widths, K and budget; see ``build``)
 EQUIVALENTS = {
     "nice": ["pyro-additive-coupling", "zuko-nice"],
     "realnvp": ["pyro-affine-coupling", "zuko-realnvp"],
     "spline": ["pyro-spline-coupling", "zuko-nsf"],
+    "spline-ar": ["pyro-spline-ar", "zuko-nsf-ar"],
     "maf": ["pyro-maf", "zuko-maf"],
     "glow": ["pyro-glow", "zuko-glow"],
 }
@@ -61,11 +62,12 @@ PYRO_FAMILIES = [
     "pyro-additive-coupling",
     "pyro-affine-coupling",
     "pyro-spline-coupling",
+    "pyro-spline-ar",
     "pyro-maf",
     "pyro-glow",
 ]
-ZUKO_FAMILIES = ["zuko-nice", "zuko-realnvp", "zuko-nsf", "zuko-maf", "zuko-glow"]
-DIGIT_FAMILIES = ["nice", "realnvp", "spline", "maf", "glow"]
+ZUKO_FAMILIES = ["zuko-nice", "zuko-realnvp", "zuko-nsf", "zuko-nsf-ar", "zuko-maf", "zuko-glow"]
+DIGIT_FAMILIES = ["nice", "realnvp", "spline", "spline-ar", "maf", "glow"]
 
 
 def two_moons(n: int) -> Tensor:
@@ -136,6 +138,8 @@ def _pyro(family: str, dim: int, num_flows: int, h2: list[int]) -> list:
         "pyro-additive-coupling": lambda: T.AffineCoupling(dim // 2, _ShiftOnly(dim, h2)),
         "pyro-affine-coupling": lambda: T.affine_coupling(dim, hidden_dims=h2),
         "pyro-spline-coupling": lambda: T.spline_coupling(dim, hidden_dims=h2),
+        # IAF-direction like its affine_autoregressive: the inverse scores data in one pass
+        "pyro-spline-ar": lambda: T.spline_autoregressive(dim, hidden_dims=h2).inv,
         # Pyro's autoregressive transform is IAF-direction: its inverse is the MAF
         "pyro-maf": lambda: T.affine_autoregressive(dim, hidden_dims=h2).inv,
     }[family]
@@ -157,6 +161,7 @@ def _zuko(family: str, dim: int, num_flows: int, h2: list[int]) -> list:
         "zuko-realnvp": lambda: zuko.flows.RealNVP(dim, **opts),
         # passes=2: coupling, as ours (at D = 2 it is also the autoregressive NSF)
         "zuko-nsf": lambda: zuko.flows.NSF(dim, bins=8, passes=2, **opts),
+        "zuko-nsf-ar": lambda: zuko.flows.NSF(dim, bins=8, **opts),  # autoregressive
         "zuko-maf": lambda: zuko.flows.MAF(dim, **opts),
         "zuko-glow": lambda: _zuko_glow(dim, num_flows, h2),
     }[family]()

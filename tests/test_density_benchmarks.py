@@ -18,7 +18,9 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.parametrize("family", ["nice", "realnvp", "spline", "maf", "actnorm", "linear-lu"])
+@pytest.mark.parametrize(
+    "family", ["nice", "realnvp", "spline", "spline-ar", "maf", "actnorm", "linear-lu"]
+)
 def test_density_speed_rows(family):
     speed = _load("density_speed")
     args = speed.parse_args(["--repeats", "1", "--families", family])
@@ -33,7 +35,7 @@ def test_density_speed_rows(family):
     assert (quick.dims, quick.batches) == ([2, 64], [1, 256])
 
 
-def test_density_speed_full_grid_skips_only_the_largest_maf_sampling():
+def test_density_speed_full_grid_skips_only_the_largest_autoregressive_sampling():
     speed = _load("density_speed")
     args = speed.parse_args([])
     skipped = {
@@ -45,7 +47,11 @@ def test_density_speed_full_grid_skips_only_the_largest_maf_sampling():
         for b in args.batches
         if speed.work(f, op, k, d, b, args.hidden) > args.max_work
     }
-    assert skipped == {("maf", "sample", 8, 512, 8192)}
+    assert skipped == {
+        ("maf", "sample", 8, 512, 8192),
+        ("spline-ar", "sample", 1, 512, 8192),
+        ("spline-ar", "sample", 8, 512, 8192),
+    }
 
 
 def test_density_toy_table(tmp_path):
