@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -106,3 +107,32 @@ def test_density_speed_rejects_families_it_does_not_time():
     speed = _load("density_speed")
     with pytest.raises(SystemExit):
         speed.parse_args(["--families", "planar"])
+
+
+def test_density_speed_times_autoregressive_sampling_with_all_d_passes(monkeypatch):
+    speed = _load("density_speed")
+    made = importlib.import_module("pyroflows.transforms.made")
+    calls = []
+    real = made.made_forward
+    for name in ("pyroflows.transforms.iaf", "pyroflows.transforms.spline_autoregressive"):
+        module = importlib.import_module(name)
+
+        def counting(x, layers, real=real):
+            calls.append(1)
+            return real(x, layers)
+
+        monkeypatch.setattr(module, "made_forward", counting)
+    flow = speed.ours("spline-ar", 1, 6, 8)
+    with torch.no_grad():
+        flow.sample((3,))
+    early = len(calls)
+    calls.clear()
+    with speed.all_passes(), torch.no_grad():
+        flow.sample((3,))
+    assert early < 6 and len(calls) == 6  # near the identity the exit comes early
+    args = speed.parse_args(["--repeats", "1", "--ops", "sample"])
+    (row,) = speed.config_rows(args, torch.device("cpu"), "maf", 1, 4, 3)
+    slower = max(row["ours"], row["ours_all_passes"])
+    peers = [row[n] for n in ("pyro", "zuko") if n in row]  # zuko: optional
+    assert row["ratio"] == pytest.approx(min(peers) / slower)
+    assert "(ours with the early exit:" in speed.fmt(row)
