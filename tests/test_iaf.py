@@ -43,23 +43,30 @@ MADE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("coordinate_major", [False, True], ids=["param-major", "coord-major"])
 @pytest.mark.parametrize("input_dim,hidden_dims,context_dim,perm", MADE_CASES, ids=str)
 def test_made_jacobian_is_strictly_triangular_in_its_order(
-    input_dim, hidden_dims, context_dim, perm
+    input_dim, hidden_dims, context_dim, perm, coordinate_major
 ):
-    made = randomize_(MADE(input_dim, hidden_dims, 2, context_dim, perm).to(F64))
+    made = MADE(input_dim, hidden_dims, 2, context_dim, perm, coordinate_major=coordinate_major)
+    made = randomize_(made.to(F64))
     context = torch.randn(context_dim, dtype=F64) if context_dim else None
     ok = allowed(made.permutation)
+
+    def blocks(out: torch.Tensor) -> torch.Tensor:  # (2D, ...) -> (2, D, ...)
+        if coordinate_major:
+            return out.reshape(input_dim, 2, *out.shape[1:]).transpose(0, 1)
+        return out.reshape(2, input_dim, *out.shape[1:])
+
     for _ in range(10):
         x = torch.randn(input_dim, dtype=F64)
-        jac = torch.autograd.functional.jacobian(lambda v: made(v, context), x)  # (2D, D)
-        jac = jac.reshape(2, input_dim, input_dim)
+        jac = blocks(torch.autograd.functional.jacobian(lambda v: made(v, context), x))
         assert (jac[:, ~ok] == 0).all(), "an output depends on itself or on a later input"
     # connectivity: (number of paths from input j to output i) = product of the masks
     paths = made.layers[0].mask
     for layer in made.layers[1:]:
         paths = layer.mask @ paths
-    paths = paths.reshape(2, input_dim, input_dim)
+    paths = blocks(paths)
     assert (paths[:, ~ok] == 0).all()
     if hidden_dims == [] or min(hidden_dims) >= input_dim - 1:
         assert (paths[:, ok] > 0).all(), "wide enough: every allowed dependency has a path"

@@ -76,7 +76,11 @@ def default_hidden_dim(input_dim: int) -> int:
 
 
 def made_masks(
-    permutation: Tensor, hidden_dims: Sequence[int], num_params: int, conditional: bool
+    permutation: Tensor,
+    hidden_dims: Sequence[int],
+    num_params: int,
+    conditional: bool,
+    coordinate_major: bool = False,
 ) -> list[Tensor]:
     """Connectivity masks (Germain et al. 2015, Eq. 12-13) for a MADE in the given order.
 
@@ -86,7 +90,8 @@ def made_masks(
     are spread evenly and deterministically over ``1..D-1``; a conditional MADE also uses
     degree ``0`` (units that see only the context), so its first output depends on the
     context nonlinearly. Each mask has shape ``(out, in)``; ``num_params`` copies of the
-    ``D`` outputs are stacked, parameter-major.
+    ``D`` outputs are stacked, parameter-major, or with ``coordinate_major`` the ``num_params``
+    outputs of each variable are adjacent (a contiguous ``(D, P)`` view).
     """
     input_dim = permutation.numel()
     deg_in = torch.empty(input_dim, dtype=torch.long)
@@ -99,7 +104,9 @@ def made_masks(
         (d_out[:, None] >= d_in[None, :])
         for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
     ]
-    deg_out = deg_in.repeat(num_params)
+    deg_out = (
+        deg_in.repeat_interleave(num_params) if coordinate_major else deg_in.repeat(num_params)
+    )
     masks.append(deg_out[:, None] > degrees[-1][None, :])
     return [m.to(torch.get_default_dtype()) for m in masks]
 
@@ -178,6 +185,8 @@ class MADE(nn.Module):
         num_params: Number of outputs per input variable, P.
         context_dim: Dimension of the context vector; ``0`` for none.
         permutation: Autoregressive order; ``None`` is the natural order.
+        coordinate_major: Order the outputs ``(D, P)`` (each variable's P adjacent) instead
+            of ``(P, D)``.
 
     Example:
         >>> made = MADE(3, [8], num_params=2)
@@ -196,6 +205,7 @@ class MADE(nn.Module):
         num_params: int = 2,
         context_dim: int = 0,
         permutation: Sequence[int] | Tensor | None = None,
+        coordinate_major: bool = False,
     ) -> None:
         super().__init__()
         self.input_dim = check_positive_int("input_dim", input_dim)
@@ -203,7 +213,9 @@ class MADE(nn.Module):
         self.context_dim = context_dim
         self.permutation: Tensor
         self.register_buffer("permutation", check_permutation(permutation, input_dim))
-        masks = made_masks(self.permutation, hidden_dims, num_params, context_dim > 0)
+        masks = made_masks(
+            self.permutation, hidden_dims, num_params, context_dim > 0, coordinate_major
+        )
         self.layers = nn.ModuleList(MaskedLinear(m, context_dim) for m in masks)
         self.reset_parameters()
 

@@ -19,8 +19,8 @@ SplineOpts = tuple[int, float, float]  # bins K, bound B, temperature
 
 def _raw(y: Tensor, layers: MadeLayers, bins: int) -> Tensor:
     """The MADE's 3K − 1 spline parameters per coordinate, ``(*batch, D, 3K − 1)``."""
-    out = made_forward(y, layers)  # (*batch, (3K − 1) D), parameter-major
-    return out.unflatten(-1, (3 * bins - 1, y.shape[-1])).transpose(-1, -2)
+    out = made_forward(y, layers)  # (*batch, D (3K − 1)), coordinate-major
+    return out.unflatten(-1, (y.shape[-1], 3 * bins - 1))
 
 
 def _spline_ar_density(y: Tensor, layers: MadeLayers, opts: SplineOpts) -> tuple[Tensor, Tensor]:
@@ -48,7 +48,9 @@ def _made(
     permutation: Sequence[int] | Tensor | None,
 ) -> MADE:
     hidden = check_hidden_dims(hidden_dims, [10 * input_dim])
-    return MADE(input_dim, hidden, 3 * bins - 1, context_dim, permutation)
+    # coordinate-major outputs: each coordinate's 3K − 1 raw values are contiguous, as the
+    # spline's per-coordinate ops (softmax, cumsum, gather over the bins) want them
+    return MADE(input_dim, hidden, 3 * bins - 1, context_dim, permutation, coordinate_major=True)
 
 
 def _temperature(made: MADE) -> float:
