@@ -19,8 +19,13 @@ LOG_SCALE_BOUND = 3.0
 
 def soft_clamp(raw: Tensor, bound: float = LOG_SCALE_BOUND) -> Tensor:
     """``bound · tanh(raw / bound)``: smooth, slope 1 at 0, never a zero gradient (unlike a
-    hard clamp, which stops learning once a log-scale leaves the clamp)."""
-    return bound * torch.tanh(raw / bound)
+    hard clamp, which stops learning once a log-scale leaves the clamp).
+
+    Computed as ``2 bound σ(2 raw / bound) − bound``, the same function (exactly 0 at 0):
+    torch's CPU ``tanh`` costs about three times its ``sigmoid`` (13 against 4 ms for 2M
+    floats on one core), the largest part of a RealNVP layer's elementwise work.
+    """
+    return torch.sigmoid(raw * (2.0 / bound)).mul(2.0 * bound).sub_(bound)
 
 
 def _affine(xb: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
