@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch  # noqa: F401 (the doctests' namespace)
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 
