@@ -3,7 +3,7 @@ likelihood with the :class:`~pyroflows.train.Trainer`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -117,7 +117,9 @@ class FlowDensity(nn.Module):
         return self.log_prob(x).sum()
 
 
-def _with_hidden(make: object, hidden: list[int]) -> object:
+def _with_hidden(make: Callable[..., Transform], hidden: list[int]) -> Callable[[int], Transform]:
+    """``make`` with the conditioner widths ``hidden``; a family without them is an error."""
+
     def build(input_dim: int) -> Transform:
         try:
             return make(input_dim, hidden)
