@@ -14,7 +14,6 @@ from pyroflows._utils import check_positive_int
 from pyroflows.transforms._coupling import (
     ConditionalCouplingFlow,
     CouplingFlow,
-    CouplingNet,
     ElementwisePair,
 )
 
@@ -120,9 +119,9 @@ def _pair(bins: int, bound: float, temperature: float) -> ElementwisePair:
     return partial(rq_spline, **opts), partial(rq_spline_inverse, **opts)
 
 
-def _temperature(net: CouplingNet) -> float:
-    """√ of the fan-in of the conditioner's last layer (at least 1)."""
-    return math.sqrt(max(net.weight[-1].shape[1], 1))
+def spline_temperature(last_weight: Tensor) -> float:
+    """√ of the fan-in of a conditioner's last layer, weight ``(out, in)`` (at least 1)."""
+    return math.sqrt(max(last_weight.shape[1], 1))
 
 
 def check_bins_bound(bins: int, bound: float) -> tuple[int, float]:
@@ -178,7 +177,7 @@ class SplineCoupling(CouplingFlow):
         self.reset_parameters()
 
     def elementwise(self) -> ElementwisePair:
-        return _pair(self.bins, self.bound, _temperature(self.net))
+        return _pair(self.bins, self.bound, spline_temperature(self.net.weight[-1]))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, bins={self.bins}, bound={self.bound}"
@@ -215,7 +214,7 @@ class ConditionalSplineCoupling(ConditionalCouplingFlow):
         self.reset_parameters()
 
     def elementwise(self) -> ElementwisePair:
-        return _pair(self.bins, self.bound, _temperature(self.net))
+        return _pair(self.bins, self.bound, spline_temperature(self.net.weight[-1]))
 
 
 def spline(

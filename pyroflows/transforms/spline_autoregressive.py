@@ -3,7 +3,6 @@ direction, as MAF, with a monotone spline per coordinate instead of an affine ma
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch  # noqa: F401 (the doctests' namespace)
@@ -13,7 +12,12 @@ from torch import Tensor
 from pyroflows._utils import check_context, check_hidden_dims, check_positive_int
 from pyroflows.transforms._base import FlowModule, ParamFlow
 from pyroflows.transforms.made import MADE, MadeLayers, made_forward, solve_autoregressive_aux
-from pyroflows.transforms.spline import check_bins_bound, rq_spline, rq_spline_inverse
+from pyroflows.transforms.spline import (
+    check_bins_bound,
+    rq_spline,
+    rq_spline_inverse,
+    spline_temperature,
+)
 
 SplineOpts = tuple[int, float, float]  # bins K, bound B, temperature
 
@@ -54,9 +58,9 @@ def _made(
     return MADE(input_dim, hidden, 3 * bins - 1, context_dim, permutation, coordinate_major=True)
 
 
-def _temperature(made: MADE) -> float:
-    """√ of the fan-in of the MADE's last layer (at least 1), as for the spline coupling."""
-    return math.sqrt(max(made.layers[-1].weight.shape[1], 1))
+def _opts(bins: int, bound: float, made: MADE) -> SplineOpts:
+    """K, B and the bins' temperature (√ of the MADE's last fan-in, as the coupling's)."""
+    return bins, bound, spline_temperature(made.layers[-1].weight)
 
 
 class SplineAutoregressive(FlowModule):
@@ -115,7 +119,7 @@ class SplineAutoregressive(FlowModule):
         self.made.reset_parameters()
 
     def params(self) -> tuple[MadeLayers, SplineOpts]:
-        return self.made.weights(), (self.bins, self.bound, _temperature(self.made))
+        return self.made.weights(), _opts(self.bins, self.bound, self.made)
 
     def _ladj(self, x: Tensor, y: Tensor) -> Tensor:
         """One MADE pass over ``y``, and the spline's forward derivative at ``x`` (the
@@ -169,7 +173,7 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
 
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
-        opts = (self.bins, self.bound, _temperature(self.made))
+        opts = _opts(self.bins, self.bound, self.made)
         return ParamFlow(
             _spline_ar_sample,
             _spline_ar_density,
