@@ -209,44 +209,35 @@ def build(family: str, dim: int, num_flows: int, hidden: int) -> list:
     return interleave_permutations([FLOWS[family](dim, h2) for _ in range(num_flows)])
 
 
-class ZukoDensity(nn.Module):
-    """A zuko ``Flow`` with :class:`~pyroflows.FlowDensity`'s Trainer interface (its ELBO is
-    its exact log-likelihood), so every model is fitted by the same loop."""
+class ZukoDensity(FlowDensity):
+    """A zuko ``Flow`` as a :class:`~pyroflows.FlowDensity` (its distribution is the flow's
+    own), so every model is fitted by the same Trainer loop."""
 
-    def __init__(self, flow: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, flow: nn.Module, dim: int) -> None:
+        super().__init__([], dim)
         self.flow = flow
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.flow().log_prob(x)
-
-    def sample(self, shape: tuple[int, ...] = ()) -> Tensor:
-        return self.flow().sample(shape)
+    def distribution(self) -> torch.distributions.Distribution:
+        return self.flow()
 
     def model(self, x: Tensor, beta: float = 1.0) -> None:
+        """zuko's distribution is not a Pyro one: the data enter as a factor."""
         pyro.module("zuko_density", self)
         pyro.factor("log_lik", self.log_prob(x).sum())
 
-    def guide(self, x: Tensor, beta: float = 1.0) -> None:
-        """No latent variables."""
 
-    def elbo(self, x: Tensor, beta: float = 1.0) -> Tensor:
-        return self.log_prob(x).sum()
-
-
-def density_of(family: str, dim: int, num_flows: int, hidden: int) -> nn.Module:
+def density_of(family: str, dim: int, num_flows: int, hidden: int) -> FlowDensity:
     """The model of one family: a FlowDensity over ``build``'s layers, or a zuko flow's."""
     layers = build(family, dim, num_flows, hidden)
     if family.startswith("zuko-"):
-        return ZukoDensity(layers[0])
+        return ZukoDensity(layers[0], dim)
     return FlowDensity(layers, dim)
 
 
-def fit(density: nn.Module, train: Tensor, valid: Tensor, args: argparse.Namespace) -> dict:
+def fit(density: FlowDensity, train: Tensor, valid: Tensor, args: argparse.Namespace) -> dict:
     """Maximum likelihood with the Trainer: Adam, up to ``--num-steps`` steps (whole
     epochs), validation every epoch, early stopping after ``--patience`` epochs."""
-    if isinstance(density, FlowDensity):
-        density.initialize_actnorm(train[:1024])
+    density.initialize_actnorm(train[:1024])  # (none in zuko's flows)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     trainer = Trainer(
         density,
