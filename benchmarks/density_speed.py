@@ -68,6 +68,9 @@ except ImportError:  # optional, benchmark-only
     zuko = None
 
 COUPLING = ("nice", "realnvp", "spline", "spline-ar", "maf")
+DENSITY_AUTOREGRESSIVE = ("maf", "spline-ar")
+"""MADE in the density direction: D sequential passes to sample (ours, Pyro's, zuko's), and
+Pyro's versions are inverted autoregressive transforms, whose MADE needs hidden >= D."""
 ELEMENTWISE_OR_LINEAR = ("actnorm", "linear-lu")
 SLOW_ROUND_S = 2.0
 """A row whose first (warm-up) round takes longer is timed over 3 rounds only."""
@@ -116,8 +119,8 @@ def pyro_peer(family: str, k: int, d: int, h: int, b: int) -> dist.Distribution 
         if b * d * d > GCP_MAX_ELEMENTS:
             return None
         return _dist([t for _ in range(k) for t in _pyro_gcp(d)], d)
-    if family in ("maf", "spline-ar") and h < d:  # AutoRegressiveNN: "Hidden dimension must
-        # not be less than the input dimension"
+    if family in DENSITY_AUTOREGRESSIVE and h < d:  # AutoRegressiveNN: "Hidden dimension
+        # must not be less than the input dimension"
         return None
     make = {
         "nice": lambda: T.affine_coupling(d, hidden_dims=[h, h]),  # nearest: affine
@@ -229,7 +232,7 @@ def with_all_passes(fn: Callable[[], object]) -> Callable[[], None]:
 
 def passes(family: str, op: str, d: int) -> int:
     """Sequential conditioner passes per layer: D for sampling MAF and spline-ar, else 1."""
-    return d if family in ("maf", "spline-ar") and op == "sample" else 1
+    return d if family in DENSITY_AUTOREGRESSIVE and op == "sample" else 1
 
 
 def work(family: str, op: str, k: int, d: int, b: int, h: int) -> float:
@@ -279,10 +282,11 @@ def config_rows(
             continue
         names_op = names
         if op == "train":
-            big = [n for n in names if train_gb(family, n, k, d, b) > args.max_memory_gb]
+            gb = {n: train_gb(family, n, k, d, b) for n in names}
+            big = [n for n in names if gb[n] > args.max_memory_gb]
             names_op = [n for n in names if n not in big]
             if big:
-                est = ", ".join(f"{n} ~{train_gb(family, n, k, d, b):.2g} GB" for n in big)
+                est = ", ".join(f"{n} ~{gb[n]:.2g} GB" for n in big)
                 row["memory_note"] = f"not run: {est} > --max-memory-gb {args.max_memory_gb:g}"
         if not names_op:
             out.append(row | {"skipped": True})
