@@ -77,8 +77,11 @@ def conjugate_posterior() -> dist.MultivariateNormal:
 # (where the best flow is the identity) the random walk of their conditioners under
 # 16-particle gradients leaves KL = 0.05 after 300 steps and 0.02 after 600 for the coupling
 # (measured; 0.037 after 300 for the autoregressive spline), so they get a longer budget
-# rather than a looser tolerance.
-CONJUGATE_STEPS = {"spline": 1000, "spline-ar": 1000}
+# rather than a looser tolerance. MAF's exp of a smoothly bounded log-scale (the form that
+# makes its density direction as fast as Pyro's) fits this target a little more slowly in
+# its sampling direction than the softplus scale it replaced: KL after 300 steps 0.020 against
+# 0.015 (mean of seeds 0-8; seed 0: 0.022), after 600 steps 0.008 against 0.006 (seeds 0-5).
+CONJUGATE_STEPS = {"spline": 1000, "spline-ar": 1000, "maf": 600}
 
 
 @pytest.mark.parametrize("name", sorted(FLOWS))

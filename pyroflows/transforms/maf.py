@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,28 +11,39 @@ from torch import Tensor
 
 from pyroflows._utils import check_context, check_hidden_dims, check_positive_int
 from pyroflows.transforms._base import FlowModule, ParamFlow
-from pyroflows.transforms.iaf import _AFFINE_SHIFT, _affine_scale, _made_split
+from pyroflows.transforms.iaf import SCALE_MIN, _made_split
 from pyroflows.transforms.made import MADE, MadeLayers, solve_autoregressive_aux
+from pyroflows.transforms.realnvp import soft_clamp
 
 
-def _maf_density(y: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, Tensor]:
-    """x = (y − μ(y)) / σ(y) in one MADE pass; returns ``(x, log|det ∂y/∂x|) = Σ log σ(y)``."""
-    mu, s = _made_split(y, layers)
-    sigma = _affine_scale(s, shift)
-    return (y - mu) / sigma, sigma.log().sum(-1)
+MAF_LOG_SCALE_BOUND = -math.log(SCALE_MIN)
+"""Bound of MAF's log-scale: |ℓ| < log(1000), so the scale σ = exp(−ℓ) stays in
+(10^-3, 10^3), the floor IAF's softplus scale has (:data:`~pyroflows.transforms.iaf.SCALE_MIN`)."""
 
 
-def _maf_sample(x: Tensor, layers: MadeLayers, shift: float) -> tuple[Tensor, Tensor]:
-    """y = μ(y) + σ(y) ⊙ x (Papamakarios et al. 2017, Eq. 2), solved in at most D passes;
-    the log-det Σ log σ(y) is the last pass's (exact there: σ_i reads only y_<i)."""
+def _maf_density(y: Tensor, layers: MadeLayers, bound: float) -> tuple[Tensor, Tensor]:
+    """x = m(y) + exp(ℓ(y)) ⊙ y in one MADE pass; returns ``(x, log|det ∂y/∂x|) = −Σ ℓ(y)``.
+
+    The MADE's outputs give ``m = −μ/σ`` and ``ℓ = −log σ = soft_clamp(s)`` directly, so the
+    step is one exp and one fused multiply-add whose exp serves the backward too (the form of
+    Pyro's ``affine_autoregressive``, with a smooth bound in place of its hard clamp)."""
+    m, s = _made_split(y, layers)
+    log_scale = soft_clamp(s, bound)
+    return torch.addcmul(m, log_scale.exp(), y), -log_scale.sum(-1)
+
+
+def _maf_sample(x: Tensor, layers: MadeLayers, bound: float) -> tuple[Tensor, Tensor]:
+    """y = (x − m(y)) ⊙ exp(−ℓ(y)), i.e. y = μ(y) + σ(y) ⊙ x (Papamakarios et al. 2017, Eq. 2),
+    solved in at most D passes; the log-det −Σ ℓ(y) is the last pass's (exact there: ℓ_i
+    reads only y_<i)."""
 
     def step(y: Tensor) -> tuple[Tensor, Tensor]:
-        mu, s = _made_split(y, layers)
-        sigma = _affine_scale(s, shift)
-        return torch.addcmul(mu, sigma, x), sigma
+        m, s = _made_split(y, layers)
+        log_scale = soft_clamp(s, bound)
+        return (x - m) * torch.exp(-log_scale), log_scale
 
-    y, sigma = solve_autoregressive_aux(step, x)
-    return y, sigma.log().sum(-1)
+    y, log_scale = solve_autoregressive_aux(step, x)
+    return y, -log_scale.sum(-1)
 
 
 class MAF(FlowModule):
@@ -40,8 +52,11 @@ class MAF(FlowModule):
     The MADE reads the *output* (the data side), so the density direction
     :math:`x = (y - \mu(y)) / \sigma(y)` and :math:`\log|\det J| = \sum_i \log\sigma_i(y)`
     take one MADE pass: MAF scores data in one pass, and samples in D sequential passes
-    (the mirror image of :class:`~pyroflows.transforms.IAF`). The scale is IAF's
-    :math:`\sigma = \mathrm{softplus}(s + c) + 10^{-3}` (no exp, no hard clamp). Starts
+    (the mirror image of :class:`~pyroflows.transforms.IAF`). The MADE gives the density
+    step's coefficients directly, :math:`x = m(y) + e^{\ell(y)} \odot y` with
+    :math:`\sigma = e^{-\ell}`, as Pyro's ``affine_autoregressive`` does, but with a smooth
+    bound :math:`\ell = 6.9 \tanh(s / 6.9)` (so :math:`10^{-3} < \sigma < 10^{3}`) in place
+    of its hard clamp (STYLE rule 4: exp only of a bounded value). Starts
     near the identity. ``autoregressive = True``: stacks reverse the coordinates between
     layers.
 
@@ -85,7 +100,7 @@ class MAF(FlowModule):
         self.made.reset_parameters()
 
     def params(self) -> tuple[MadeLayers, float]:
-        return self.made.weights(), _AFFINE_SHIFT
+        return self.made.weights(), MAF_LOG_SCALE_BOUND
 
     def _inverse_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return _maf_density(y, *self.params())
@@ -134,7 +149,7 @@ class ConditionalMAF(ConditionalTransformModule):
 
     def condition(self, context: Tensor) -> ParamFlow:
         check_context(context, self.context_dim)
-        params = (self.made.weights(context), _AFFINE_SHIFT)
+        params = (self.made.weights(context), MAF_LOG_SCALE_BOUND)
         return ParamFlow(
             _maf_sample, _maf_density, params, "MAF", self.input_dim, inverse_ladj=True
         )
