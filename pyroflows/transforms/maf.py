@@ -15,7 +15,6 @@ from pyroflows.transforms.iaf import SCALE_MIN, _made_split
 from pyroflows.transforms.made import MADE, MadeLayers, solve_autoregressive_aux
 from pyroflows.transforms.realnvp import soft_clamp
 
-
 MAF_LOG_SCALE_BOUND = -math.log(SCALE_MIN)
 """Bound of MAF's log-scale: |ℓ| < log(1000), so the scale σ = exp(−ℓ) stays in
 (10^-3, 10^3), the floor IAF's softplus scale has (:data:`~pyroflows.transforms.iaf.SCALE_MIN`)."""
