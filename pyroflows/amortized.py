@@ -481,16 +481,36 @@ class AutoAmortizedFlowGuide(AutoGuide):
         return plates
 
     def _context(self, features: Tensor, globals_: dict[str, Tensor]) -> Tensor:
-        """``(B, C [+ G])``: standardised features and, if asked, the unconstrained globals."""
+        """``(*particles, B, C [+ G])``: standardised features and, if asked, the unconstrained
+        globals of each particle.
+
+        Under ``vectorize_particles`` the global values carry the particle batch shape
+        ``(K, 1, ..., 1)`` (``max_plate_nesting + 1`` dims, the plates' dims 1); the dims from
+        the local plate's on are dropped, so the members sit in the plate's dim of each site.
+        """
         context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
-        if not self.condition_on_globals or self.global_guide is None:
+        use_globals = self.condition_on_globals and self.global_guide is not None
+        if not use_globals and not globals_:
             return context
-        parts = [
-            biject_to(site["fn"].support).inv(globals_[name]).reshape(-1)
-            for name, site in self.global_guide.prototype_trace.iter_stochastic_nodes()
-        ]
-        theta = torch.cat(parts).expand(len(context), -1)  # (B, G)
-        return torch.cat([context, theta], dim=-1)
+        parts, lead = [], None
+        for name, site in self.global_guide.prototype_trace.iter_stochastic_nodes():
+            transform = biject_to(site["fn"].support)
+            value = transform.inv(globals_[name])
+            site_dim = transform.inv(site["value"]).dim()
+            lead = value.shape[: value.dim() - site_dim]  # the particles' batch shape
+            parts.append(value.reshape(lead + (-1,)))
+        keep = max(0, len(lead) + self._frame.dim)
+        if any(size != 1 for size in lead[keep:]):
+            raise ValueError(
+                f"the global sites' batch shape {tuple(lead)} is not a particle shape "
+                f"(K, 1, ..., 1) outside the plate {self.local_plate!r}"
+            )
+        extra = lead[:keep]
+        context = context.expand(extra + context.shape)
+        if not use_globals:
+            return context
+        theta = torch.cat(parts, dim=-1).reshape(extra + (1, -1))
+        return torch.cat([context, theta.expand(extra + (len(features), -1))], dim=-1)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample the global sites, then the local sites of the model's current subsample.
@@ -506,8 +526,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         if replayed is not indices and not torch.equal(replayed, indices):
             indices, features = self._discover(replayed, args, kwargs)
         result = {} if self.global_guide is None else self.global_guide(*args, **kwargs)
-        posterior = self.local(self._context(features, result))  # batch (B,), event (D,)
-        latent = posterior.rsample()  # (B, D)
+        posterior = self.local(self._context(features, result))  # batch (*K, B), event (D,)
+        latent = posterior.rsample()  # (*K, B, D)
         result.update(self._sample_locals(latent, posterior.log_prob(latent)))
         return result
 
@@ -515,7 +535,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         """Record the packed local latent (auxiliary, scored by ``log_q``) and each site."""
         ones = (1,) * (-self._frame.dim - 1)  # put the members at the plate's dim
         aux = dist.Delta(
-            latent.reshape(latent.shape[:1] + ones + latent.shape[1:]),
+            latent.reshape(latent.shape[:-1] + ones + latent.shape[-1:]),
             log_density=log_q.reshape(log_q.shape + ones),
             event_dim=1,
         )
@@ -526,7 +546,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             with ExitStack() as stack:
                 for frame in local.site["cond_indep_stack"]:
                     stack.enter_context(self.plates[frame.name])
-                delta = local.delta(latent[:, pos : pos + local.size])
+                delta = local.delta(latent[..., pos : pos + local.size])
                 result[local.name] = pyro.sample(local.name, delta)
             pos += local.size
         return result
