@@ -31,7 +31,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyroflows import AutoAmortizedFlowGuide, AutoFlowGuide
+from pyroflows import SAGA_ELBO, AutoAmortizedFlowGuide, AutoFlowGuide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,20 +148,19 @@ def global_errors(guide, y, subsample_size, draws):
     return out
 
 
-def globals_fit(n, subsample_size, steps, seed, args):
+def globals_fit(n, subsample_size, steps, seed, args, num_particles=1, saga=False):
     """One seeded fit of the example's recipe; errors of the globals against the exact ones."""
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     y = ex.simulate(n, args.obs, seed=seed)
     guide = AutoAmortizedFlowGuide(ex.model)
-    seconds = ex.fit(guide, y, steps, subsample_size, 0.01)
+    seconds = ex.fit(guide, y, steps, subsample_size, 0.01, num_particles, saga)
     return guide, y, global_errors(guide, y, subsample_size, args.draws), seconds
 
 
-def gradient_noise(args, lines):
-    """The sd of the subsampled and of the full-batch gradient of the loss with respect to the
-    global guide's location and log-scale, in whitened coordinates of the exact posterior."""
-    n, batch = 100_000, 256
+def exact_guide(args, n, batch):
+    """A guide trained for ``args.noise_warm`` subsampled steps, then its global guide set to
+    the exact marginal posterior of (mu, beta) in whitened coordinates."""
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     y = ex.simulate(n, args.obs, seed=0)
@@ -176,6 +175,15 @@ def gradient_noise(args, lines):
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
     gg.precondition(mean.float(), torch.linalg.cholesky(cov).float())  # q = exact marginal
+    return guide, y
+
+
+def gradient_noise(args, lines):
+    """The sd of the subsampled and of the full-batch gradient of the loss with respect to the
+    global guide's location and log-scale, in whitened coordinates of the exact posterior."""
+    n, batch = 100_000, 256
+    guide, y = exact_guide(args, n, batch)
+    gg = guide.global_guide
     elbo = Trace_ELBO()
     grads = {}
     for label, b, reps in [("subsample 256", batch, args.noise_reps), ("full batch", None, 40)]:
@@ -205,6 +213,79 @@ def gradient_noise(args, lines):
     lines.append("")
     print("\n".join(lines[-6:]), flush=True)
     return sub, full
+
+
+VR_CONFIGS = [("plain", 1), ("plain", 16), ("SAGA", 1), ("SAGA", 16)]
+
+
+def vr_elbo(kind, k):
+    if kind == "SAGA":
+        return SAGA_ELBO("groups", k, max_plate_nesting=1)
+    return Trace_ELBO(k, vectorize_particles=k > 1, max_plate_nesting=1)
+
+
+def variance_reduction(args, lines):
+    """Section 3.5: the gradient noise and the globals' error with vectorized particles and
+    with SAGA control variates (pyroflows.SAGA_ELBO), N = 100,000, subsample 256."""
+    n, batch = 100_000, 256
+    guide, y = exact_guide(args, n, batch)
+    gg = guide.global_guide
+    params = [gg.loc, gg.scale_unconstrained]
+    warm = int(args.saga_epochs * n / batch)
+    lines += [
+        "### 3.5 Variance reduction: particles and SAGA control variates (N = 100,000, B = 256)",
+        "",
+        "Gradient noise at the fixed guide of 3.1 (global guide = the exact posterior, whitened): "
+        f"sd over {args.noise_reps} steps of the gradient of the loss with respect to the global "
+        "guide's location and log-scale. `plain` is Trace_ELBO (K vectorized particles); `SAGA` "
+        f"is `pyroflows.SAGA_ELBO` after {warm} steps ({args.saga_epochs} epochs of the groups) "
+        "that fill its table at the same fixed guide. Step times on the shared machine.",
+        "",
+        "| estimator | particles K | location mu | location beta | log-scale mu | log-scale beta "
+        "| ms per step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, k in VR_CONFIGS:
+        elbo = vr_elbo(kind, k)
+        if kind == "SAGA":
+            for _ in range(warm):
+                elbo.loss_and_grads(ex.model, guide, y, batch)
+        out = []
+        start = time.perf_counter()
+        for _ in range(args.noise_reps):
+            for p in params:
+                p.grad = None
+            elbo.loss_and_grads(ex.model, guide, y, batch)
+            out.append(torch.cat([p.grad for p in params]))
+        ms = (time.perf_counter() - start) / args.noise_reps * 1e3
+        sd = torch.stack(out).std(0)
+        cells = " | ".join(f"{float(v):.2f}" for v in sd)
+        lines.append(f"| {kind} | {k} | {cells} | {ms:.0f} |")
+        print(lines[-1], flush=True)
+    for p in guide.parameters():
+        p.grad = None
+    lines += [
+        "",
+        f"Fits: the recipe of 3.3 ({args.steps_large} steps) with K = {args.vr_particles} "
+        "particles, without and with SAGA.",
+        "",
+        *TABLE,
+    ]
+    res = {}
+    for kind in ("plain", "SAGA"):
+        for seed in args.seeds_large:
+            label = f"{kind}, {args.vr_particles} particles"
+            _, _, errs, seconds = globals_fit(
+                n, batch, args.steps_large, seed, args, args.vr_particles, kind == "SAGA"
+            )
+            res.setdefault(kind, []).append(errs)
+            lines += error_rows(label, seed, errs, seconds)
+            print("\n".join(lines[-2:]), flush=True)
+    lines += ["", "| fit | RMS mean error (sd) | RMS log sd ratio |", "|---|---|---|"]
+    for kind, fits in res.items():
+        m, s = rms(fits)
+        lines.append(f"| {kind}, {args.vr_particles} particles | {m:.3f} | {s:.3f} |")
+    lines.append("")
 
 
 def error_rows(label, seed, errs, seconds):
@@ -372,12 +453,18 @@ def main(args):
         "shared with other jobs (times are indicative).",
         "",
     ]
-    accuracy_small(args, lines)
-    timing(args, lines)
-    accuracy_globals(args, lines)
+    if args.variance_reduction:
+        lines[0] = "# AutoAmortizedFlowGuide: variance reduction for the globals (issue 17)"
+        lines[2] = lines[2].replace("amortized.py", "amortized.py --variance-reduction")
+        variance_reduction(args, lines)
+    else:
+        accuracy_small(args, lines)
+        timing(args, lines)
+        accuracy_globals(args, lines)
     lines.append(f"Total benchmark time: {time.perf_counter() - start:.0f} s.")
     if not args.quick:
-        out = ROOT / "benchmarks" / "results" / "amortized.md"
+        name = "amortized_variance.md" if args.variance_reduction else "amortized.md"
+        out = ROOT / "benchmarks" / "results" / name
         out.write_text("\n".join(lines) + "\n")
         print(f"written to {out}")
 
@@ -397,12 +484,20 @@ def parse_args(argv=None):
     parser.add_argument("--curve", action="store_true", help="section 3.4: error vs steps (long)")
     parser.add_argument("--steps-curve", type=int, nargs="+", default=[1500, 3000])
     parser.add_argument("--steps-big-batch", type=int, default=1500)
+    parser.add_argument(
+        "--variance-reduction",
+        action="store_true",
+        help="only section 3.5 (particles, SAGA), to results/amortized_variance.md (long)",
+    )
+    parser.add_argument("--vr-particles", type=int, default=16)
+    parser.add_argument("--saga-epochs", type=float, default=2.5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=50)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps_small, args.steps_large, args.draws, args.rounds, args.block = 30, 30, 500, 2, 5
         args.noise_warm, args.noise_reps, args.steps_curve, args.steps_big_batch = 5, 5, [20], 10
+        args.saga_epochs = 0.01
     return args
 
 

@@ -13,14 +13,16 @@ so a step costs the same for any N; the script prints the posterior of the globa
 the exact one and writes them to ``--output-dir``.
 
 With many groups the globals' posterior sd is small (here about 0.45 / sqrt(N)) and the
-subsampled gradient carries about sqrt(N / B) of those sds of noise per step, so the error of
-the globals' means falls only like sqrt(N / (B T)) after T steps: within 0.1 posterior sd of
-the exact ones at N = 2,000 after 6,000 steps of 256 groups, but about half a posterior sd at
-N = 100,000 (benchmarks/results/amortized.md, section 3). For tighter globals at large N,
-raise ``--subsample-size`` (a step of 4,096 groups costs about 1.5 times one of 256) or
-``--num-steps``.
+subsampled gradient carries about sqrt(N / B) of those sds of noise per step, mostly the
+groups' spread, so with Trace_ELBO the error of the globals' means falls only like
+sqrt(N / (B T)) after T steps: about half a posterior sd at N = 100,000 after 6,000 steps of
+256 groups. ``--saga --num-particles 16`` trains with ``pyroflows.SAGA_ELBO`` (control
+variates for the globals' gradient over the groups, and 16 vectorized particles): 0.05
+posterior sd (RMS over three seeds) for the same budget at 3-4 times the step cost
+(benchmarks/results/amortized.md and amortized_variance.md).
 
-    python examples/amortized_hierarchical.py --num-groups 100000 --num-steps 3000
+    python examples/amortized_hierarchical.py --num-groups 100000 --num-steps 6000 \
+        --saga --num-particles 16
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyroflows import AutoAmortizedFlowGuide
+from pyroflows import SAGA_ELBO, AutoAmortizedFlowGuide
 
 PRIOR_SD, TAU, SIGMA = 5.0, 1.0, 2.0
 
@@ -61,7 +63,7 @@ def model(y: torch.Tensor, subsample_size: int | None = None) -> None:
     beta = pyro.sample("beta", dist.Normal(torch.zeros((), dtype=y.dtype), PRIOR_SD))
     with pyro.plate("groups", num_groups, subsample_size=subsample_size) as idx:
         alpha = pyro.sample("alpha", dist.Normal(mu, TAU))
-        loc = alpha[:, None] + beta * x
+        loc = alpha[..., None] + beta[..., None] * x  # vectorized particles: leading dims
         pyro.sample("y", dist.Normal(loc, SIGMA).to_event(1), obs=y[idx])
 
 
@@ -106,8 +108,15 @@ def fit(
     num_steps: int,
     subsample_size: int | None,
     lr: float,
+    num_particles: int = 1,
+    saga: bool = False,
 ) -> float:
     """SVI with Adam: ``lr`` for 40% of the steps, then decaying 100x; returns seconds.
+
+    ``num_particles`` > 1 averages that many vectorized particles per step (globals and
+    locals), which lowers the part of the gradient noise that comes from the draws;
+    ``saga`` uses ``pyroflows.SAGA_ELBO`` (control variates for the globals' gradient over
+    the groups), which removes the part that comes from the groups' spread.
 
     Between the phases an ``AutoAmortizedFlowGuide`` is restarted in whitened coordinates
     (``precondition_globals``), so the second phase resolves the globals' posterior sd, which
@@ -115,7 +124,12 @@ def fit(
     """
     warm = int(0.4 * num_steps)
     start = time.perf_counter()
-    elbo = Trace_ELBO()
+    if saga:
+        elbo = SAGA_ELBO("groups", num_particles, max_plate_nesting=1)
+    else:
+        elbo = Trace_ELBO(
+            num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
+        )
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
     for _ in range(warm):
         svi.step(y, subsample_size)
@@ -142,7 +156,7 @@ def main(args: argparse.Namespace) -> dict:
     y = simulate(args.num_groups, args.obs_per_group, args.seed)
     guide = AutoAmortizedFlowGuide(model)
     batch = min(args.subsample_size, args.num_groups)
-    seconds = fit(guide, y, args.num_steps, batch, args.lr)
+    seconds = fit(guide, y, args.num_steps, batch, args.lr, args.num_particles, args.saga)
     draws = guide.global_guide.sample_posterior(y, batch, num_samples=args.num_samples)
     mean, cov = exact_globals(y)
     sd = cov.diagonal().sqrt()
@@ -173,6 +187,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subsample-size", type=int, default=256, help="groups per SVI step")
     parser.add_argument("--num-steps", type=int, default=3000, help="SVI steps")
     parser.add_argument("--lr", type=float, default=0.01, help="initial Adam step size")
+    parser.add_argument(
+        "--num-particles", type=int, default=1, help="vectorized ELBO particles per step"
+    )
+    parser.add_argument(
+        "--saga",
+        action="store_true",
+        help="SAGA control variates for the globals (pyroflows.SAGA_ELBO)",
+    )
     parser.add_argument("--num-samples", type=int, default=4000, help="posterior draws")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and inference")
     parser.add_argument("--output-dir", default="results", help="where the JSON is written")

@@ -10,6 +10,7 @@ from pyroflows.density import FlowDensity
 from pyroflows.diagnostics import compare, psis, to_inference_data
 from pyroflows.guides import AutoFlowGuide
 from pyroflows.objectives import log_likelihood
+from pyroflows.saga import SAGA_ELBO
 from pyroflows.train import Trainer, evaluate
 from pyroflows.transforms import CONDITIONAL_FLOWS, FLOWS
 from pyroflows.vae import VAE, FlowEncoder
@@ -22,6 +23,7 @@ __all__ = [
     "FLOWS",
     "FlowDensity",
     "FlowEncoder",
+    "SAGA_ELBO",
     "Trainer",
     "VAE",
     "VI",

@@ -605,12 +605,12 @@ class AutoAmortizedFlowGuide(AutoGuide):
             Preconditioning fixes the scale of the steps, not the subsampling noise: with B of
             the plate's N members per step, the gradient of the globals carries about
             :math:`\sqrt{N / B}` posterior sds of noise (measured: 20-22 at N = 100,000,
-            B = 256, against about 1 for the full batch), so the globals' error after T steps
-            falls like :math:`\sqrt{N / (B T)}` posterior sds
-            (``benchmarks/results/amortized.md``, section 3: about
-            :math:`2.3 \sqrt{N / (B T)}` after 6,000 steps). Means within 0.03 sd would take
-            millions of steps at N = 100,000, B = 256; a larger subsample is cheap while a
-            step's fixed overhead dominates its cost (4,096 groups: 1.5 times the time of 256).
+            B = 256, against about 1 for the full batch), so with ``Trace_ELBO`` the
+            globals' error after T steps falls like :math:`2.3 \sqrt{N / (B T)}` posterior
+            sds (``benchmarks/results/amortized.md``, section 3). Most of that noise is the
+            members' spread: :class:`pyroflows.SAGA_ELBO` (control variates over the members)
+            with 16 vectorized particles brings the 6,000-step error at N = 100,000 from about
+            0.6 to 0.05 posterior sd (``benchmarks/results/amortized_variance.md``).
         """
         check_positive_int("num_samples", num_samples)
         if self.prototype_trace is None:
