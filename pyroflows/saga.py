@@ -81,8 +81,8 @@ class SAGA_ELBO(_PyroELBO):  # noqa: N801 (Pyro's naming: Trace_ELBO)
     draws; the table removes the members' spread, not that noise, so it pays with several
     particles. Measured on ``examples/amortized_hierarchical.py`` at ``N = 100,000``,
     ``B = 256``, 6,000 steps (``benchmarks/results/amortized_variance.md``): the globals'
-    means are 0.046 posterior sd off (RMS, 3 seeds) with 16 particles, against 0.575 for
-    Trace_ELBO with one particle and 0.355 with 16; a step costs about 3-4 times one of
+    means are 0.050 posterior sd off (RMS, 3 seeds) with 16 particles, against 0.575 for
+    Trace_ELBO with one particle and 0.355 with 16; a step costs about 3-5 times one of
     Trace_ELBO with one particle.
 
     Use a new instance (or :meth:`reset`) for each fit: the table belongs to one model and
