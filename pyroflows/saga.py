@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from pyroflows._utils import check_positive_int
-from pyroflows.objectives import _guess_nesting, _traces
+from pyroflows.objectives import _check_nesting, _guess_nesting, _traces
 
 __all__ = ["SAGA_ELBO"]
 
@@ -78,8 +78,8 @@ class SAGA_ELBO(_PyroELBO):  # noqa: N801 (Pyro's naming: Trace_ELBO)
     numbers), at fixed parameters: ``G`` extra forward passes without gradients for ``G``
     global coordinates. Vectorized particles (``num_particles``) average the members'
     gradients over draws, which removes the part of the noise that comes from the local
-    draws; the table removes the members' spread, not that noise, so it pays with several
-    particles. Measured on ``examples/amortized_hierarchical.py`` at ``N = 100,000``,
+    draws; the table removes the members' spread, not that noise, so it pays most with
+    several particles. Measured on ``examples/amortized_hierarchical.py`` at ``N = 100,000``,
     ``B = 256``, 6,000 steps (``benchmarks/results/amortized_variance.md``): the globals'
     means are 0.050 posterior sd off (RMS, 3 seeds) with 16 particles, against 0.575 for
     Trace_ELBO with one particle and 0.355 with 16; a step costs about 3-5 times one of
@@ -118,7 +118,7 @@ class SAGA_ELBO(_PyroELBO):  # noqa: N801 (Pyro's naming: Trace_ELBO)
         check_positive_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles)
         self.plate = plate
-        self._nesting = max_plate_nesting
+        self._nesting = None if max_plate_nesting is None else _check_nesting(max_plate_nesting)
         self.reset()
 
     def reset(self) -> None:

@@ -154,6 +154,8 @@ def test_errors():
         SAGA_ELBO(3)
     with pytest.raises(ValueError, match="num_particles"):
         SAGA_ELBO("groups", num_particles=0)
+    with pytest.raises(ValueError, match="max_plate_nesting must be a non-negative int"):
+        SAGA_ELBO("groups", max_plate_nesting=-1)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
     with pytest.raises(ValueError, match="plate 'nope'"):
         SAGA_ELBO("nope").loss_and_grads(model, guide, y, 5)
