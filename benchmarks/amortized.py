@@ -301,26 +301,10 @@ def variance_reduction_small(args, lines):
         "",
         *TABLE,
     ]
-    res, mean_diffs, sd_diffs = {"sub": [], "full": []}, [], []
-    for seed in args.seeds_large:
-        fits = {}
-        for key, batch, label in [
-            ("sub", 256, "SAGA, subsample 256"),
-            ("full", None, "full batch"),
-        ]:
-            _, _, errs, seconds = globals_fit(
-                n, batch, args.steps_large, seed, args, k, key == "sub"
-            )
-            fits[key] = errs
-            res[key].append(errs)
-            lines += error_rows(f"{label}, {k} particles", seed, errs, seconds)
-            print("\n".join(lines[-2:]), flush=True)
-        for site, (err, ratio) in fits["sub"].items():
-            mean_diffs.append(err - fits["full"][site][0])
-            sd_diffs.append(math.log(ratio / fits["full"][site][1]))
+    labels = (f"SAGA, subsample 256, {k} particles", f"full batch, {k} particles")
+    res, mean_diffs, sd_diffs = paired_fits(args, n, labels, lines, k, saga=True)
     (sub_m, sub_s), (full_m, full_s) = rms(res["sub"]), rms(res["full"])
-    diff_m = (sum(v * v for v in mean_diffs) / len(mean_diffs)) ** 0.5
-    diff_s = (sum(v * v for v in sd_diffs) / len(sd_diffs)) ** 0.5
+    diff_m, diff_s = _rms_of(mean_diffs), _rms_of(sd_diffs)
     lines += [
         "",
         f"Over {len(args.seeds_large)} seeds x 2 sites, against the exact posterior: RMS mean error "
@@ -355,6 +339,33 @@ TABLE = [
 ]
 
 
+def paired_fits(args, n, labels, lines, num_particles=1, saga=False):
+    """For each seed, a fit on 256 groups per step (SAGA_ELBO if ``saga``) and the full-batch
+    fit of the same guide (same seed: same data and initial guide), rows appended to
+    ``lines``; returns their errors and the subsampled-minus-full differences of the means
+    and of the log sds."""
+    res, mean_diffs, sd_diffs = {"sub": [], "full": []}, [], []
+    for seed in args.seeds_large:
+        fits = {}
+        for key, batch, label in [("sub", 256, labels[0]), ("full", None, labels[1])]:
+            sub_saga = saga and key == "sub"
+            _, _, errs, seconds = globals_fit(
+                n, batch, args.steps_large, seed, args, num_particles, sub_saga
+            )
+            fits[key] = errs
+            res[key].append(errs)
+            lines += error_rows(label, seed, errs, seconds)
+            print("\n".join(lines[-2:]), flush=True)
+        for site, (err, ratio) in fits["sub"].items():
+            mean_diffs.append(err - fits["full"][site][0])
+            sd_diffs.append(math.log(ratio / fits["full"][site][1]))
+    return res, mean_diffs, sd_diffs
+
+
+def _rms_of(values):
+    return (sum(v * v for v in values) / len(values)) ** 0.5
+
+
 def small_n(args, lines):
     """Subsampled vs full-batch fits of the same guide at N = args.n_small, against exact."""
     n = args.n_small
@@ -366,19 +377,11 @@ def small_n(args, lines):
         "",
         *TABLE,
     ]
-    res, diffs = {"sub": [], "full": []}, []
-    for seed in args.seeds_large:
-        fits = {}
-        for key, batch, label in [("sub", 256, "subsample 256"), ("full", None, "full batch")]:
-            _, _, errs, seconds = globals_fit(n, batch, args.steps_large, seed, args)
-            fits[key] = errs
-            res[key].append(errs)
-            lines += error_rows(label, seed, errs, seconds)
-            print("\n".join(lines[-2:]), flush=True)
-        diffs.append({k: (fits["sub"][k][0] - fits["full"][k][0], 1.0) for k in fits["sub"]})
+    labels = ("subsample 256", "full batch")
+    res, mean_diffs, _ = paired_fits(args, n, labels, lines)
     lines.append("")
     (sub_m, sub_s), (full_m, full_s) = rms(res["sub"]), rms(res["full"])
-    diff = rms(diffs)[0]
+    diff = _rms_of(mean_diffs)
     lines += [
         f"Over {len(args.seeds_large)} seeds x 2 sites: RMS mean error {sub_m:.3f} (subsample 256) "
         f"and {full_m:.3f} (full batch) sd; RMS log sd ratio {sub_s:.3f} and {full_s:.3f}; RMS of "
