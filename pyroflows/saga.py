@@ -194,17 +194,22 @@ class SAGA_ELBO(_PyroELBO):  # noqa: N801 (Pyro's naming: Trace_ELBO)
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The ELBO estimate (negated) from ``num_particles`` draws; no table update."""
         with torch.no_grad():
-            if self._nesting is None:
-                self._nesting = _guess_nesting(model, guide, args, kwargs)
-            mt, gt = self._run(model, guide, args, kwargs, _Pin())
-            elbo = mt.log_prob_sum() - gt.log_prob_sum(lambda _, s: not s["is_observed"])
-        return -float(elbo) / self.num_particles
+            self._find_nesting(model, guide, args, kwargs)
+            return -float(self._elbo(*self._run(model, guide, args, kwargs, _Pin())))
+
+    def _find_nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> None:
+        if self._nesting is None:
+            self._nesting = _guess_nesting(model, guide, args, kwargs)
+
+    def _elbo(self, model_trace: poutine.Trace, guide_trace: poutine.Trace) -> Tensor:
+        """The ELBO estimate, averaged over the particles."""
+        guide_lp = guide_trace.log_prob_sum(lambda _, site: not site["is_observed"])
+        return (model_trace.log_prob_sum() - guide_lp) / self.num_particles
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """One step: the ELBO's surrogate with the SAGA correction, backpropagated, and the
         step's members' table rows refreshed. Returns the negated ELBO estimate."""
-        if self._nesting is None:
-            self._nesting = _guess_nesting(model, guide, args, kwargs)
+        self._find_nesting(model, guide, args, kwargs)
         record = _Pin()
         mt, gt = self._run(model, guide, args, kwargs, record)
         names = self._globals(mt, gt)
@@ -216,7 +221,7 @@ class SAGA_ELBO(_PyroELBO):  # noqa: N801 (Pyro's naming: Trace_ELBO)
                 f"{'missing' if plate is None else 'present'} and globals {names}"
             )
         k = self.num_particles
-        elbo = (mt.log_prob_sum() - gt.log_prob_sum(lambda _, s: not s["is_observed"])) / k
+        elbo = self._elbo(mt, gt)
         # Constrained global values -> unconstrained (K, G), in the model's supports.
         transforms = [biject_to(mt.nodes[n]["fn"].support) for n in names]
         u_parts = [t.inv(gt.nodes[n]["value"]) for n, t in zip(names, transforms, strict=True)]

@@ -56,6 +56,11 @@ def test_without_subsampling_the_gradient_is_trace_elbos():
     assert ours.keys() == theirs.keys() and any("global" in n for n in ours)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-9)
+    zero(guide)
+    pyro.set_rng_seed(3)
+    estimate = saga.loss(model, guide, y)
+    pyro.set_rng_seed(3)
+    assert estimate == pytest.approx(ref.loss(model, guide, y), rel=1e-12)
 
 
 def test_table_holds_each_members_gradient():
