@@ -11,8 +11,9 @@ mini-batches of ``pyro.plate(name, N, subsample_size=B)`` in time independent of
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -209,10 +210,12 @@ class AutoAmortizedFlowGuide(AutoGuide):
 
     Note:
         Parameters are created on the first call. One subsampled plate is supported (other
-        plates, nested or not, may hold local sites only if they are not subsampled), the
-        local sites must be continuous, and the guide runs one particle at a time (no
-        ``vectorize_particles`` or ``Predictive(parallel=True)``). :class:`pyroflows.VI`
-        does not fit this guide (it optimises one packed latent vector); use SVI.
+        plates, nested or not, may hold local sites only if they are not subsampled) and the
+        local sites must be continuous. Vectorized particles work
+        (``Trace_ELBO(vectorize_particles=True)``, :class:`pyroflows.SAGA_ELBO`): each
+        particle's globals condition its own locals. :class:`pyroflows.VI` fits this guide
+        (SAGA steps under subsampling, a stopping rule on common random numbers, the joint
+        PSIS k-hat over all N members; see :mod:`pyroflows._vi_amortized`).
 
     Args:
         model: A Pyro model with continuous latent sites.
@@ -295,6 +298,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self._init_scale = _check_init_scale(init_scale)
         super().__init__(model)
+        self.__dict__["_forced_members"] = None  # set by members(); not state
         self._encoder = encoder
         if isinstance(encoder, nn.Module):
             self.encoder = encoder  # registered: trained and saved with the guide
@@ -520,7 +524,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        indices, features = self._discover(None, args, kwargs)
+        indices, features = self._discover(self._forced_members, args, kwargs)
         self.plates = self._make_plates(indices)
         replayed = self.plates[self.local_plate].indices  # differs under an outer replay
         if replayed is not indices and not torch.equal(replayed, indices):
@@ -551,6 +555,19 @@ class AutoAmortizedFlowGuide(AutoGuide):
             pos += local.size
         return result
 
+    @contextlib.contextmanager
+    def _use_members(self, indices: Tensor | None) -> Iterator[None]:
+        """Within the block, every call of the guide (and so of the model replayed against
+        it) runs the plate's members ``indices`` instead of the plate's own subsample
+        (``None``: the plate's choice). A plate with a fixed ``subsample_size`` accepts only
+        that many members."""
+        old = self._forced_members
+        self.__dict__["_forced_members"] = indices
+        try:
+            yield
+        finally:
+            self.__dict__["_forced_members"] = old
+
     # ------------------------------------------------------------------ summaries
     def _ensure_prototype(self, *args: Any, **kwargs: Any) -> None:
         if self.prototype_trace is None:
@@ -569,18 +586,27 @@ class AutoAmortizedFlowGuide(AutoGuide):
         """
         check_positive_int("num_samples", num_samples)
         self._ensure_prototype(*args, **kwargs)
-        _, features = self._discover(None, args, kwargs)
-        context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
-        context = context.expand(num_samples, -1, -1)  # (S, B, C)
+        _, features = self._discover(self._forced_members, args, kwargs)
         out: dict[str, Tensor] = {}
+        theta = None
         if self.global_guide is not None:
             theta = self.global_guide.get_posterior().sample((num_samples,))  # (S, G)
             out.update(self.global_guide._constrain(theta))
-            if self.condition_on_globals:
-                theta = theta[:, None, :].expand(-1, context.shape[1], -1)
-                context = torch.cat([context, theta], dim=-1)
+        out.update(self._draw_locals(features, theta, num_samples))
+        return out
+
+    def _draw_locals(
+        self, features: Tensor, theta: Tensor | None, num_samples: int
+    ) -> dict[str, Tensor]:
+        """``num_samples`` draws of the local sites of the members with ``features`` (B, C),
+        given draws ``theta`` (S, G) of the unconstrained globals."""
+        context = (features.to(self.feature_loc) - self.feature_loc) / self.feature_scale
+        context = context.expand(num_samples, -1, -1)  # (S, B, C)
+        if theta is not None and self.condition_on_globals:
+            theta = theta[:, None, :].expand(-1, context.shape[1], -1)
+            context = torch.cat([context, theta], dim=-1)
         latent = self.local(context).sample()  # (S, B, D)
-        pos = 0
+        out, pos = {}, 0
         for local in self._locals:
             value = _from_members(latent[..., pos : pos + local.size], local.rest, local.dim)
             out[local.name] = local.transform(value)

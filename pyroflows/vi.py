@@ -9,7 +9,8 @@ r"""``pyroflows.VI``: fit an autoguide without tuning, MCMC-style.
    approximation, expressed in whitened coordinates :math:`z = c + L_0(m + T f(\epsilon))`.
 2. **Step size** (:func:`choose_step_size`): short Adam pilots over a grid, judged by the
    ELBO on fresh draws (common random numbers), not by the training loss.
-3. **Stopping rule** (:class:`ConvergenceMonitor`) with learning-rate decay on plateaus,
+3. **Stopping rule** (:class:`ConvergenceMonitor`; :class:`PairedMonitor` for subsampled
+   fits of an :class:`~pyroflows.AutoAmortizedFlowGuide`) with learning-rate decay on plateaus,
    **iterate averaging** (:class:`IterateAverage`) over the final phase, and non-finite steps
    skipped and counted.
 4. **Restarts** (:func:`select_fit`), and an **honest report** (:func:`importance_report`):
@@ -43,6 +44,7 @@ from pyroflows._arviz import smooth_log_weights
 from pyroflows._mode import Mode, find_mode, laplace_factor
 from pyroflows._potential import LogDensity, prototype_trace
 from pyroflows._utils import check_positive_int
+from pyroflows._vi_amortized import AmortizedTarget, is_amortized
 from pyroflows._vi_targets import Target, make_target
 from pyroflows.guides import AutoFlowGuide
 from pyroflows.objectives import LogWeights, Objective, get_objective
@@ -52,6 +54,7 @@ __all__ = [
     "ConvergenceMonitor",
     "FitResult",
     "IterateAverage",
+    "PairedMonitor",
     "choose_step_size",
     "choose_tails",
     "importance_report",
@@ -65,6 +68,7 @@ KHAT_GOOD = 0.5
 # target), so a base passed at 0.7 often read >= 0.7 again on fresh draws
 KHAT_TAILS = 0.6
 DRAW_CHUNK = 1024  # guide draws scored at a time in reports (bounds their memory)
+SUMMARY_MEMBERS = 100  # summary() shows an amortized guide's local sites up to this plate size
 
 
 # ---------------------------------------------------------------- stopping rule
@@ -112,6 +116,64 @@ class ConvergenceMonitor:
 
 
 # ---------------------------------------------------------------- iterate averaging
+class PairedMonitor(ConvergenceMonitor):
+    r"""The stopping rule on window-averaged iterates scored with common random numbers, for
+    subsampled fits.
+
+    With a subsampled plate both the per-step loss and the current iterate carry the noise
+    of the subsample (``N / B`` times the members' terms), which hides any improvement that
+    matters. Instead, the parameters are averaged over each window of ``window`` steps
+    (:class:`IterateAverage`), and at the end of the window ``score()`` gives the
+    log-weights of the *same* guide draws (same random numbers, same members) at that
+    average. The trace has plateaued when the mean paired improvement of one window's
+    average over the previous one's is below ``z`` standard errors (of the paired
+    differences) plus ``tol`` nats (Dhaka et al. 2020 also judge averaged iterates).
+
+    Args:
+        window: Steps per window.
+        tol: Absolute tolerance in nats per window.
+        score: Returns ``(S,)`` log-weights with common random numbers.
+        params: The optimised tensors.
+        z: Number of standard errors an improvement must exceed to count.
+    """
+
+    def __init__(
+        self,
+        window: int,
+        tol: float,
+        score: Callable[[], Tensor],
+        params: Sequence[Tensor],
+        z: float = 2.0,
+    ) -> None:
+        self.score, self.params = score, list(params)
+        super().__init__(window, tol, z)
+
+    def reset(self) -> None:
+        super().reset()
+        self._previous = None
+        self._average = IterateAverage(self.params)
+
+    def update(self, loss: float) -> bool:
+        """Count one step; ``True`` when the score has plateaued (checked every window)."""
+        self._average.update()
+        if self._average.count <= self.window:
+            return False
+        self._average.swap()
+        current = self.score().double()
+        self._average.swap()
+        self._average = IterateAverage(self.params)
+        previous, self._previous = self._previous, current
+        if previous is None:
+            return False
+        diff = current - previous
+        diff = diff[torch.isfinite(diff)]
+        if len(diff) < 2:
+            return False
+        self.last_improvement = float(diff.mean())
+        se = float(diff.std()) / math.sqrt(len(diff))
+        return self.last_improvement < self.z * se + self.tol
+
+
 class IterateAverage:
     """Running mean of a list of tensors (Polyak-Ruppert averaging of the iterates)."""
 
@@ -223,17 +285,24 @@ def _loss_fn(
 
 
 def _step(opt: torch.optim.Optimizer, params: list[Tensor], loss_fn: Callable) -> float | None:
-    """One Adam step; ``None`` (and no update) when the loss or a gradient is not finite."""
+    """One Adam step; ``None`` (and no update) when the loss or a gradient is not finite.
+
+    ``loss_fn`` returns a tensor to backpropagate, or a float when it has accumulated the
+    gradients itself (:class:`~pyroflows.SAGA_ELBO`)."""
     opt.zero_grad(set_to_none=True)
     loss = loss_fn()
-    if not bool(torch.isfinite(loss)):
+    if isinstance(loss, Tensor):
+        if not bool(torch.isfinite(loss)):
+            return None
+        loss.backward()
+        loss = float(loss.detach())
+    if not math.isfinite(loss):
         return None
-    loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
     if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         return None
     opt.step()
-    return float(loss.detach())
+    return loss
 
 
 @dataclass
@@ -467,6 +536,16 @@ class VI:
     ``vi.guide`` is an ordinary fitted guide: ``Predictive``, ``state_dict``, ``median``,
     ``NeuTraReparam``.
 
+    An :class:`~pyroflows.AutoAmortizedFlowGuide` (local latent variables, possibly under a
+    subsampled plate) is fitted by the same pilots, decays, averaging, restarts and report,
+    with these differences (:mod:`pyroflows._vi_amortized`): no mode search; the global
+    guide is whitened by its own moments at the first plateau (and the optimiser restarted);
+    steps use :class:`~pyroflows.SAGA_ELBO` when the plate is subsampled, with
+    :class:`PairedMonitor` as the stopping rule; ELBO scores use a fixed subset of about
+    1,024 members; the report's importance weights are joint over all N members (draws
+    capped at ``max(100, 2e7 / N)``), so ``get_samples`` returns every member's locals.
+    ``loss`` must be ``"elbo"`` and the model must broadcast over a leading dim of draws.
+
     Args:
         model: A Pyro model with continuous latent sites.
         guide: An autoguide for ``model``; default :func:`default_guide`
@@ -617,10 +696,17 @@ class VI:
             if unconstrained_dim(self.model, args, kwargs) > self.max_hessian_dim:
                 self.guide = default_guide(self.model, base="diagonal")
         trace = prototype_trace(self.model, self.guide, args, kwargs)
-        self.log_density = LogDensity(self.model, trace, args, kwargs)
-        self._target = make_target(self.guide, args, kwargs)
+        if is_amortized(self.guide):  # no packed latent vector, no mode search
+            self.log_density = None
+            self._target = AmortizedTarget(self.model, self.guide, args, kwargs)
+            self._target.loss_fn(self.num_particles, self.objective)  # checks the objective
+            self._target.check_vectorized()
+            modes, searches = [], []
+        else:
+            self.log_density = LogDensity(self.model, trace, args, kwargs)
+            self._target = make_target(self.guide, args, kwargs)
+            modes, searches = self._find_modes(trace)
         initial = self._target.state()
-        modes, searches = self._find_modes(trace)
         self.fits = []
         for r in range(self.num_restarts):
             if self.seed is not None:
@@ -684,7 +770,9 @@ class VI:
         and the problem is small (at most ``max_hessian_dim`` latents: STL and DReG score
         every draw through the flow's inverse, which for IAF is D sequential MADE passes kept
         for autograd; at D = 5,000 that exhausted 24 GB)."""
-        if self.fallback is None or self.log_density.dim > self.max_hessian_dim:
+        if self.fallback is None or self.log_density is None:  # None: an amortized guide
+            return False
+        if self.log_density.dim > self.max_hessian_dim:
             return False
         return not any(f.report.khat < KHAT_USABLE for f in self.fits)
 
@@ -707,18 +795,22 @@ class VI:
     ) -> FitResult:
         """One restart: start, choose the step size, optimise, average, report."""
         start = time.perf_counter()
-        target, ld = self._target, self.log_density
+        target = self._target
         init, whitened = self._start(mode, searches)
         crn_seed = int(torch.randint(2**31 - 1, ()))
+        members = target.score_members(crn_seed) if self.log_density is None else None
 
         def score(num: int = self.num_score_draws) -> float:
-            log_w = _draw_log_weights(target, ld, num, crn_seed)[1]
+            log_w = self._log_weights(num, crn_seed, members)[1]
             finite = torch.isfinite(log_w)
             if float(finite.double().mean()) < 0.9:  # mostly off the model's support
                 return -math.inf
             return float(log_w[finite].mean())
 
-        loss_fn = _loss_fn(target, ld, self.num_particles, objective)
+        if self.log_density is None:
+            loss_fn = target.loss_fn(self.num_particles, objective)
+        else:
+            loss_fn = _loss_fn(target, self.log_density, self.num_particles, objective)
         run, initial = _Run(), target.state()
         with _progress(self, restart) as bar:
             # the pilots take at most half of the step budget
@@ -726,11 +818,20 @@ class VI:
             lr, pilots = choose_step_size(
                 target, loss_fn, score, self.step_sizes, pilot_steps, run, bar
             )
-            converged, averaged = self._optimise(loss_fn, lr, run, bar, score)
+            monitor = self.monitor
+            if members is not None and target.subsampled:
+                monitor = PairedMonitor(
+                    self.monitor.window,
+                    self.monitor.tol,
+                    lambda: self._log_weights(self.num_score_draws, crn_seed + 1, members)[1],
+                    target.params(),
+                    self.monitor.z,
+                )
+            converged, averaged = self._optimise(loss_fn, lr, run, bar, score, monitor)
         final_score = functools.partial(score, max(self.num_draws, self.num_score_draws))
         if whitened and _better_start(target, initial, final_score):
             init += "; kept as is: it scored higher than every optimised state"
-        report = importance_report(_draw_log_weights(target, ld, self.num_draws, None)[1])
+        report = importance_report(self._log_weights(self._report_draws(), None)[1])
         return FitResult(
             restart,
             init,
@@ -750,6 +851,12 @@ class VI:
 
     def _start(self, mode: Mode | None, searches: list[Mode]) -> tuple[str, bool]:
         """Put the guide at the Laplace approximation (or say why not)."""
+        if self.log_density is None:
+            return (
+                "init_loc_fn location (amortized guide: no mode search; the globals are "
+                "whitened by their own moments at the first plateau)",
+                False,
+            )
         if mode is None:
             reasons = sorted({m.message for m in searches})
             self._target.start(None, None, None)
@@ -767,12 +874,18 @@ class VI:
         return f"mode ({kind} is optimised in its own parameterisation, not whitened)", False
 
     def _optimise(
-        self, loss_fn: Callable, lr: float, run: _Run, bar: Any, score: Callable[[], float]
+        self,
+        loss_fn: Callable,
+        lr: float,
+        run: _Run,
+        bar: Any,
+        score: Callable[[], float],
+        monitor: ConvergenceMonitor,
     ) -> tuple[bool, bool]:
         """Adam until the stopping rule fires in the last phase; returns (converged, averaged)."""
         params = self._target.params()
         opt = torch.optim.Adam(params, lr=lr)
-        monitor, phase, converged = self.monitor, 0, False
+        phase, converged = 0, False
         monitor.reset()
         average = IterateAverage(params) if self.num_decays == 0 else None
         bad_in_a_row = 0
@@ -792,13 +905,35 @@ class VI:
                     converged = True
                     break
                 phase += 1
+                lr = opt.param_groups[0]["lr"] * self.decay
+                if self._target_restarts():  # new coordinates: a fresh optimiser
+                    opt = torch.optim.Adam(params, lr=lr)
                 for group in opt.param_groups:
-                    group["lr"] *= self.decay
+                    group["lr"] = lr
                 monitor.reset()
                 if phase == self.num_decays:
                     average = IterateAverage(params)
         final_score = functools.partial(score, max(self.num_draws, self.num_score_draws))
         return converged, average is not None and _keep_average(average, final_score)
+
+    def _target_restarts(self) -> bool:
+        """Tell an amortized target about a plateau (it may change coordinates)."""
+        return isinstance(self._target, AmortizedTarget) and self._target.on_plateau()
+
+    def _log_weights(
+        self, n: int, seed: int | None, members: Tensor | None = None
+    ) -> tuple[Any, Tensor]:
+        """``n`` guide draws and their log-weights ``log p - log q``: packed latents, or for
+        an amortized guide the site values (joint over ``members``, default all)."""
+        if self.log_density is None:
+            return self._target.log_weights(n, seed, members)
+        return _draw_log_weights(self._target, self.log_density, n, seed)
+
+    def _report_draws(self) -> int:
+        """Draws behind a report: ``num_draws`` (capped at large N for an amortized guide)."""
+        if self.log_density is None:
+            return self._target.report_draws(self.num_draws)
+        return self.num_draws
 
     def _warn(self) -> None:
         fit, report = self.fits[self._result["best"]], self._result["report"]
@@ -847,17 +982,22 @@ class VI:
         """
         self._check_ran()
         check_positive_int("num_samples", num_samples)
+        amortized = self.log_density is None
         if not resample:
+            if amortized:
+                return self._target.sample(num_samples)
             return self.log_density.unpack(self._target.posterior().sample((num_samples,)))
         n = max(self.num_draws, 4 * num_samples)
-        z, log_w = _draw_log_weights(self._target, self.log_density, n, None)
+        z, log_w = self._log_weights(n, None)
         if not bool(torch.isfinite(log_w).all()):
             raise ValueError("resample=True needs finite importance weights; some are not")
         lw = log_w.double().cpu().numpy()
         smoothed, _, _ = smooth_log_weights(lw, 1e-9 * (1.0 + float(np.abs(lw).mean())))
         probs = torch.as_tensor(np.exp(smoothed - smoothed.max()))
-        index = torch.multinomial(probs, num_samples, replacement=True).to(z.device)
-        return self.log_density.unpack(z[index])
+        index = torch.multinomial(probs, num_samples, replacement=True)
+        if amortized:
+            return {name: v[index.to(v.device)] for name, v in z.items()}
+        return self.log_density.unpack(z[index.to(z.device)])
 
     @property
     def args(self) -> tuple:
@@ -885,7 +1025,7 @@ class VI:
         """How the fit went: convergence, cost, k-hat, ESS, log-evidence, every restart."""
         self._check_ran()
         res, fit = self._result, self.fits[self._result["best"]]
-        r = res["report"]
+        r, ld = res["report"], self.log_density
         return dict(
             converged=fit.converged,
             objective=fit.objective,
@@ -901,7 +1041,7 @@ class VI:
             steps=sum(f.steps for f in self.fits),
             skipped_steps=sum(f.skipped for f in self.fits),
             gradient_evaluations=res["gradient_evaluations"],
-            log_density_evaluations=self.log_density.evaluations,
+            log_density_evaluations=0 if ld is None else ld.evaluations,
             seconds=res["seconds"],
             init=fit.init,
             whitened=fit.whitened,
@@ -909,7 +1049,7 @@ class VI:
             averaged=fit.averaged,
             base_df=res["base_df"],
             tails=res["tails"],
-            vectorized=self.log_density.method,
+            vectorized="particles" if ld is None else ld.method,
             mode_search=[m.message for m in res["searches"]],
             best_restart=res["best"],
             restarts=[_fit_summary(f) for f in self.fits],
@@ -919,7 +1059,13 @@ class VI:
         """Print a per-site table (mean, sd, median, ``prob`` interval) and the diagnostics."""
         self._check_ran()
         prob = _check_fraction("prob", prob)
-        print(_summary_table(self.get_samples(self.num_draws), prob))
+        samples = self.get_samples(self._report_draws())
+        if self.log_density is None and self._target.size > SUMMARY_MEMBERS:
+            local = {site.name for site in self.guide._locals}
+            samples = {k: v for k, v in samples.items() if k not in local}
+            print(f"(local sites {sorted(local)} of {self._target.size} members not shown: "
+                  "see get_samples)")  # fmt: skip
+        print(_summary_table(samples, prob))
         print(_diagnostics_text(self.diagnostics()))
 
 

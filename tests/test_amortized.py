@@ -261,9 +261,12 @@ def test_errors(model, kwargs, error, match):
         guide(data(30)[:, 0] if model is not normal_model else data(30))
 
 
-def test_vi_refuses_with_a_clear_error():
+def test_vi_needs_a_model_that_broadcasts_over_draws():
+    """VI fits this guide with vectorized particles (tests/test_vi_amortized.py); a model
+    that indexes its plate dim from the left gets an error that says how to write it."""
     guide = AutoAmortizedFlowGuide(normal_model)
-    with pytest.raises(TypeError, match="VI fits AutoFlowGuide.*use pyro.infer.SVI"):
+    match = r"broadcast over leading batch dims.*alpha\[\.\.\., None\]"
+    with pytest.raises(ValueError, match=match):
         VI(normal_model, guide=guide, progress_bar=False).run(data(10))
 
 

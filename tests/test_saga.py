@@ -117,6 +117,35 @@ def test_saga_removes_most_of_the_groups_spread():
     assert sds["saga"] < 0.5 * sds["plain"], sds
 
 
+def test_loss_has_the_control_variate_too():
+    """At a fixed guide the returned loss is unbiased (its mean over steps of 10 of 200
+    groups matches the full-batch ELBO within Monte-Carlo error) and, once the table is
+    filled, less noisy than the plain subsampled estimate (measured sd 27.5 against 86.3;
+    the full-batch estimate's is 2.2: the table removes the members' spread, not the local
+    draws' noise, which the factor N / B still scales)."""
+    y = data(200, 3)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1, hidden_dims=[16])
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+    for _ in range(200):
+        svi.step(y, 10)
+    full = Trace_ELBO(16, vectorize_particles=True, max_plate_nesting=1)
+    exact = torch.tensor([full.loss(model, guide, y) for _ in range(100)], dtype=D64)
+    plain = torch.tensor([full.loss(model, guide, y, 10) for _ in range(200)], dtype=D64)
+    saga = SAGA_ELBO("groups", 16, max_plate_nesting=1)
+    for _ in range(60):  # three epochs fill the table
+        saga.loss_and_grads(model, guide, y, 10)
+    controlled = []
+    for _ in range(200):
+        controlled.append(saga.loss_and_grads(model, guide, y, 10))
+        zero(guide)
+    controlled = torch.tensor(controlled, dtype=D64)
+    assert controlled.std() < 0.5 * plain.std(), (controlled.std(), plain.std())
+    se = (controlled.var() / 200 + exact.var() / 100).sqrt()  # steps are correlated: a margin
+    assert abs(controlled.mean() - exact.mean()) < 6 * se, (controlled.mean(), exact.mean())
+    assert saga.loss_total == pytest.approx(float(saga.loss_table.sum()), rel=1e-9)
+
+
 def exact_mu(y):
     """Posterior mean and sd of mu, theta integrated out: y_i-bar ~ N(mu, 1 + 1/m)."""
     n, m = y.shape

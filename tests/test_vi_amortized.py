@@ -1,0 +1,136 @@
+"""pyroflows.VI with an AutoAmortizedFlowGuide: joint log-weights against a hand-written
+joint density, draws of every member, fits of a conjugate hierarchical model with and
+without subsampling, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyroflows import VI, AutoAmortizedFlowGuide
+from pyroflows._vi_amortized import AmortizedTarget
+from pyroflows.vi import PairedMonitor
+from tests.test_amortized import particle_model as model
+
+D64 = torch.float64
+
+
+def data(n, m=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = 2.0 + torch.randn(n, 1, generator=g, dtype=D64)
+    return theta + torch.randn(n, m, generator=g, dtype=D64)
+
+
+def exact(y):
+    """Exact posterior mean and sd of (mu, theta_1..N): mu ~ N(0, 5²), theta_i ~ N(mu, 1),
+    y_ij ~ N(theta_i, 1), from the joint precision matrix."""
+    n, m = y.shape
+    prec = torch.zeros(n + 1, n + 1, dtype=D64)
+    prec[0, 0] = 1 / 25 + n
+    prec[0, 1:] = prec[1:, 0] = -1.0
+    prec[1:, 1:] = torch.eye(n, dtype=D64) * (1 + m)
+    lin = torch.cat([torch.zeros(1, dtype=D64), y.sum(1)])
+    cov = torch.linalg.inv(prec)
+    return cov @ lin, cov.diagonal().sqrt()
+
+
+def normal_lp(x, loc, sd):
+    return -0.5 * ((x - loc) / sd) ** 2 - math.log(sd) - 0.5 * math.log(2 * math.pi)
+
+
+def test_joint_log_weights_match_the_hand_written_joint():
+    """N = 10 members in runs of B = 4 (the last run overlaps the one before): each draw's
+    log-weight is log p(y, mu, theta_1..10) - log q(mu) - sum_i log q(theta_i | y_i, mu),
+    written out by hand, and every member appears once."""
+    y = data(10)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=2)
+    guide(y, 4)
+    target = AmortizedTarget(model, guide, (y, 4), {})
+    values, log_w = target.log_weights(6, seed=1)
+    mu, theta = values["mu"], values["theta"]  # (6,), (6, 10)
+    assert mu.shape == (6,) and theta.shape == (6, 10)
+    log_p = normal_lp(mu, 0.0, 5.0) + normal_lp(theta, mu[:, None], 1.0).sum(-1)
+    log_p = log_p + normal_lp(y, theta[..., None], 1.0).sum((-1, -2))
+    log_q = guide.global_guide.get_posterior().log_prob(mu[:, None])
+    context = (y - guide.feature_loc) / guide.feature_scale  # (10, 3)
+    context = torch.cat([context.expand(6, -1, -1), mu[:, None, None].expand(-1, 10, 1)], -1)
+    log_q = log_q + guide.local(context).log_prob(theta[..., None]).sum(-1)
+    torch.testing.assert_close(log_w, (log_p - log_q).detach(), rtol=1e-6, atol=1e-6)
+    # a subset of members: the global terms plus N / M times the members' terms
+    sub, sub_w = target.log_weights(6, seed=1, members=torch.arange(4))
+    torch.testing.assert_close(sub["mu"], mu)
+    assert sub["theta"].shape == (6, 4)
+
+
+def test_draws_cover_every_member():
+    """get_samples' counterpart: all N members, in order, under a subsampled plate."""
+    y = data(10)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+    guide(y, 4)
+    draws = AmortizedTarget(model, guide, (y, 4), {}).sample(7)
+    assert draws["mu"].shape == (7,) and draws["theta"].shape == (7, 10)
+    assert bool(torch.isfinite(draws["theta"]).all())
+
+
+def test_fit_without_subsampling_matches_the_exact_posterior():
+    """N = 12 groups, the whole plate per step: VI's amortized fit is within 0.15 posterior
+    sd of the exact means of mu and every theta_i, its sds within 15%, and k-hat < 0.7
+    (measured: 0.04 sd, 0.95-1.01, k-hat 0.07, 1,100 steps)."""
+    y = data(12)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=2, hidden_dims=[32])
+    vi = VI(model, guide, seed=0, progress_bar=False, num_draws=2000).run(y)
+    draws = vi.get_samples(4000)
+    q = torch.cat([draws["mu"][:, None], draws["theta"]], dim=1).double()
+    mean, sd = exact(y)
+    assert float(((q.mean(0) - mean) / sd).abs().max()) < 0.15
+    ratio = q.std(0) / sd
+    assert 0.85 < float(ratio.min()) and float(ratio.max()) < 1.15, ratio
+    d = vi.diagnostics()
+    assert d["khat"] < 0.7 and d["converged"] and "amortized" in d["init"]
+    assert vi.guide.global_guide.preconditioned  # whitened at the first plateau
+
+
+def test_subsampled_fit_uses_saga_and_the_paired_rule():
+    """N = 200 groups, 20 per step: the fit runs SAGA steps and stops by the paired rule
+    before the budget; mu is within 0.5 posterior sd of its exact mean and its sd within
+    30% (measured: -0.06 sd, sd ratio 0.84, k-hat 0.65, 1,400 steps)."""
+    y = data(200)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1, hidden_dims=[32])
+    vi = VI(model, guide, seed=0, progress_bar=False, num_draws=500, max_steps=3000)
+    vi.run(y, 20)
+    mean, sd = exact(y)
+    mu = vi.get_samples(2000)["mu"].double()
+    assert abs(float(mu.mean()) - float(mean[0])) < 0.5 * float(sd[0])
+    assert 0.7 < float(mu.std()) / float(sd[0]) < 1.3
+    assert vi.get_samples(3)["theta"].shape == (3, 200)
+    d = vi.diagnostics()
+    assert math.isfinite(d["khat"]) and d["num_draws"] == 500 and d["steps"] < 3000
+
+
+def test_paired_monitor_continues_while_the_average_improves():
+    """The rule scores window averages with common random numbers: a score that rises by 1
+    per window (noise 0.1) never plateaus; a flat one does at the second comparison."""
+    p = torch.nn.Parameter(torch.zeros(()))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(50, generator=g, dtype=D64)
+    rising = PairedMonitor(5, 0.01, lambda: p.detach() + 0.1 * noise, [p])
+    flat = PairedMonitor(5, 0.01, lambda: 0.1 * noise + 0.0 * p.detach(), [p])
+    fired_rising, fired_flat = [], []
+    for step in range(30):
+        with torch.no_grad():
+            p.fill_(step / 5)
+        fired_rising.append(rising.update(0.0))
+        fired_flat.append(flat.update(0.0))
+    assert not any(fired_rising)
+    assert fired_flat.index(True) == 9  # windows end at steps 4, 9: first comparison at 9
+
+
+def test_errors():
+    y = data(10)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+    with pytest.raises(ValueError, match="loss='elbo' only; got 'iwae'"):
+        VI(model, guide, loss="iwae", progress_bar=False).run(y, 4)
