@@ -355,6 +355,50 @@ def test_precondition_globals_keeps_the_moments_and_whitens():
         AutoAmortizedFlowGuide(normal_model).precondition_globals()
 
 
+@pytest.mark.parametrize("local_flow, copy_centred", [("planar", True), ("iaf", False)])
+def test_precondition_globals_centres_the_context(local_flow, copy_centred):
+    """The globals in the local guide's context are centred at the global guide's new mean,
+    the layers reading them re-expressed so the local guide's function is unchanged; for a
+    flow whose context layer is not one linear map of h (IAF's MADE) only the MLP's input is
+    centred. The shifts are state: they round-trip, and a state saved before they existed
+    loads as zero shifts."""
+    y = data(30)
+    guide = AutoAmortizedFlowGuide(normal_model, num_flows=1, local_flow=local_flow)
+    fit(normal_model, guide, (y, 8), 30, 0.02)
+    g = torch.Generator().manual_seed(0)
+    context = torch.cat([torch.randn(50, 3, generator=g, dtype=D64), 2 + torch.randn(50, 1,
+                         generator=g, dtype=D64)], -1)  # fmt: skip
+    before = guide.local(context).base_dist.base_dist
+    loc, scale = before.loc.detach().clone(), before.scale.detach().clone()
+    guide.precondition_globals(num_samples=20000)
+    after = guide.local(context).base_dist.base_dist
+    torch.testing.assert_close(after.loc, loc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after.scale, scale, rtol=1e-6, atol=1e-6)
+    net = guide.local.net
+    mean = guide.global_guide.precond_loc
+    torch.testing.assert_close(net.shift, torch.cat([torch.zeros(3, dtype=D64), mean]))
+    assert guide._context_centered is copy_centred
+    assert bool((net.skip_shift[3:] == (mean if copy_centred else 0)).all())
+    state = guide.state_dict()
+    fresh = AutoAmortizedFlowGuide(normal_model, num_flows=1, local_flow=local_flow)
+    fresh(y, 8)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.local.net.shift, net.shift)
+    old = {k: v for k, v in state.items() if not k.endswith("shift")}
+    fresh.load_state_dict(old)
+    assert float(fresh.local.net.shift.abs().max()) == 0.0
+
+
+def test_no_hidden_layers():
+    """hidden_dims=(): the context goes straight to the heads and flows."""
+    y = data(20)
+    guide = AutoAmortizedFlowGuide(normal_model, num_flows=1, hidden_dims=())
+    assert torch.isfinite(Trace_ELBO().differentiable_loss(normal_model, guide, y, 5))
+    assert guide.local.net.out_dim == 4
+    guide.precondition_globals()
+    assert guide._context_centered
+
+
 def test_trainer_runs_a_module_wrapping_the_guide():
     """pyroflows.Trainer's mini-batches as the plate's subsample: the model observes the rows
     it is given under ``pyro.plate("groups", N, subsample_size=len(x))``."""
