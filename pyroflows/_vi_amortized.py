@@ -4,9 +4,9 @@ The amortized guide has no packed latent vector of a fixed size (its local part 
 conditional flow shared by the plate's N members), so :class:`AmortizedTarget` gives VI the
 same pieces as the other targets through the model and guide traces instead:
 
-* the gradient step: :class:`pyroflows.SAGA_ELBO` (control variates over the plate's members)
-  when the local plate is subsampled, else ``Trace_ELBO``, with ``num_particles``
-  vectorized particles;
+* the gradient step: ``Trace_ELBO`` with ``num_particles`` vectorized particles, and once
+  the globals are whitened (below) and the plate is subsampled, :class:`pyroflows.SAGA_ELBO`
+  (control variates over the plate's members);
 * joint importance log-weights :math:`\log p(x, \theta, z_{1:N}) - \log q(\theta) -
   \sum_i \log q(z_i \mid x_i, \theta)` of guide draws, over all N members (the report) or
   over a fixed subset of them with the plate's scale N / B (the ELBO scores that compare
@@ -102,20 +102,28 @@ class AmortizedTarget:
 
     # ------------------------------------------------------------ optimisation
     def loss_fn(self, particles: int, objective: Objective) -> Callable[[], Tensor | float]:
-        """One step's loss: SAGA's (gradients already accumulated, a float) when the plate is
-        subsampled, else Trace_ELBO's differentiable loss (a tensor)."""
+        """One step's loss: Trace_ELBO's differentiable loss (a tensor), or once the globals
+        are whitened and the plate is subsampled, SAGA's (gradients already accumulated, a
+        float). SAGA's table only pays near the optimum: filled while the parameters still
+        move fast, its stale rows add variance (VI's first phase at N = 100,000 diverged
+        with SAGA from the start)."""
         if objective.name != "elbo":
             raise ValueError(
                 f"VI fits an AutoAmortizedFlowGuide with loss='elbo' only; got {objective.name!r} "
                 "(sticking the landing, IWAE and DReG score the joint log-weights of all the "
                 "plate's members, which a subsampled step does not have)"
             )
-        if self.subsampled:
-            elbo = SAGA_ELBO(self.plate, particles, max_plate_nesting=self.nesting)
-            return lambda: elbo.loss_and_grads(self.model, self.guide, *self.args, **self.kwargs)
-        elbo = Trace_ELBO(particles, vectorize_particles=particles > 1,
-                          max_plate_nesting=self.nesting)  # fmt: skip
-        return lambda: elbo.differentiable_loss(self.model, self.guide, *self.args, **self.kwargs)
+        plain = Trace_ELBO(particles, vectorize_particles=particles > 1,
+                           max_plate_nesting=self.nesting)  # fmt: skip
+        saga = SAGA_ELBO(self.plate, particles, max_plate_nesting=self.nesting)
+        model, guide, args, kwargs = self.model, self.guide, self.args, self.kwargs
+
+        def loss() -> Tensor | float:
+            if self.subsampled and self.preconditioned:
+                return saga.loss_and_grads(model, guide, *args, **kwargs)
+            return plain.differentiable_loss(model, guide, *args, **kwargs)
+
+        return loss
 
     def on_plateau(self) -> bool:
         """At the first plateau, restart the globals in whitened coordinates; returns whether

@@ -79,7 +79,7 @@ def test_draws_cover_every_member():
 def test_fit_without_subsampling_matches_the_exact_posterior():
     """N = 12 groups, the whole plate per step: VI's amortized fit is within 0.15 posterior
     sd of the exact means of mu and every theta_i, its sds within 15%, and k-hat < 0.7
-    (measured: 0.04 sd, 0.95-1.01, k-hat 0.07, 1,100 steps)."""
+    (measured: 0.04 sd, 0.97-1.02, k-hat 0.06, 1,100 steps)."""
     y = data(12)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=2, hidden_dims=[32])
     vi = VI(model, guide, seed=0, progress_bar=False, num_draws=2000).run(y)
@@ -97,7 +97,7 @@ def test_fit_without_subsampling_matches_the_exact_posterior():
 def test_subsampled_fit_uses_saga_and_the_paired_rule():
     """N = 200 groups, 20 per step: the fit runs SAGA steps and stops by the paired rule
     before the budget; mu is within 0.5 posterior sd of its exact mean and its sd within
-    30% (measured: -0.06 sd, sd ratio 0.84, k-hat 0.65, 1,400 steps)."""
+    20% (measured: -0.05 sd, sd ratio 0.91, k-hat 0.23, 1,500 steps)."""
     y = data(200)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1, hidden_dims=[32])
     vi = VI(model, guide, seed=0, progress_bar=False, num_draws=500, max_steps=3000)
@@ -105,10 +105,10 @@ def test_subsampled_fit_uses_saga_and_the_paired_rule():
     mean, sd = exact(y)
     mu = vi.get_samples(2000)["mu"].double()
     assert abs(float(mu.mean()) - float(mean[0])) < 0.5 * float(sd[0])
-    assert 0.7 < float(mu.std()) / float(sd[0]) < 1.3
+    assert 0.8 < float(mu.std()) / float(sd[0]) < 1.2
     assert vi.get_samples(3)["theta"].shape == (3, 200)
     d = vi.diagnostics()
-    assert math.isfinite(d["khat"]) and d["num_draws"] == 500 and d["steps"] < 3000
+    assert d["khat"] < 0.7 and d["num_draws"] == 500 and d["steps"] < 3000
 
 
 def test_paired_monitor_continues_while_the_average_improves():
@@ -127,6 +127,23 @@ def test_paired_monitor_continues_while_the_average_improves():
         fired_flat.append(flat.update(0.0))
     assert not any(fired_rising)
     assert fired_flat.index(True) == 9  # windows end at steps 4, 9: first comparison at 9
+
+
+def test_paired_monitor_restores_the_best_window_average():
+    """A score that peaks in the second window and then falls: the plateau fires at the
+    third, and restore_best() puts back the second window's average parameters."""
+    p = torch.nn.Parameter(torch.zeros(()))
+    peak = PairedMonitor(5, 0.01, lambda: -((p.detach() - 7.0) ** 2).expand(4), [p])
+    fired = []
+    for step in range(20):
+        with torch.no_grad():
+            p.fill_(float(step))
+        fired.append(peak.update(0.0))
+    first = fired.index(True)
+    # window averages (each also holds the value it started from): 5/3, 6.5, 11.5
+    assert first == 14
+    peak.restore_best()
+    assert float(p.detach()) == pytest.approx(6.5)
 
 
 def test_errors():
