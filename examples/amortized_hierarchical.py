@@ -17,9 +17,9 @@ subsampled gradient carries about sqrt(N / B) of those sds of noise per step, mo
 groups' spread, so with Trace_ELBO the error of the globals' means falls only like
 sqrt(N / (B T)) after T steps: about half a posterior sd at N = 100,000 after 6,000 steps of
 256 groups. ``--saga --num-particles 16`` trains with ``pyroflows.SAGA_ELBO`` (control
-variates for the globals' gradient over the groups, and 16 vectorized particles): 0.05
-posterior sd (RMS over three seeds) for the same budget at 3-5 times the step cost
-(benchmarks/results/amortized.md and amortized_variance.md).
+variates for the globals' gradient over the groups, and 16 vectorized particles): 0.02
+posterior sd (RMS over three seeds; sds within 5%) for the same budget at 3-5 times the step
+cost (benchmarks/results/amortized.md and amortized_variance.md).
 
     python examples/amortized_hierarchical.py --num-groups 100000 --num-steps 6000 \
         --saga --num-particles 16

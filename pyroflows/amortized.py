@@ -696,7 +696,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         its layer's bias (the global barely moves about its mean, by one posterior sd), and
         the local guide learns how :math:`z_i` depends on the globals very slowly; at
         N = 100,000 that dependence came out at a third of the exact one and mu's sd at
-        0.77-0.92 of the exact (``benchmarks/results/amortized_variance.md``).
+        0.77-0.92 of the exact; with the centring, 0.955-1.011
+        (``benchmarks/results/amortized_variance.md``).
 
         Note:
             Preconditioning fixes the scale of the steps, not the subsampling noise: with B of
@@ -707,7 +708,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
             sds (``benchmarks/results/amortized.md``, section 3). Most of that noise is the
             members' spread: :class:`pyroflows.SAGA_ELBO` (control variates over the members)
             with 16 vectorized particles brings the 6,000-step error at N = 100,000 from about
-            0.6 to 0.05 posterior sd (``benchmarks/results/amortized_variance.md``).
+            0.5 to 0.02 posterior sd (``benchmarks/results/amortized_variance.md``).
         """
         check_positive_int("num_samples", num_samples)
         if self.prototype_trace is None:
