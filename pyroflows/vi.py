@@ -115,7 +115,6 @@ class ConvergenceMonitor:
         return bool(improvement < self.z * se + self.tol)
 
 
-# ---------------------------------------------------------------- iterate averaging
 class PairedMonitor(ConvergenceMonitor):
     r"""The stopping rule on window-averaged iterates scored with common random numbers, for
     subsampled fits.
@@ -188,6 +187,7 @@ class PairedMonitor(ConvergenceMonitor):
                 p.copy_(value)
 
 
+# ---------------------------------------------------------------- iterate averaging
 class IterateAverage:
     """Running mean of a list of tensors (Polyak-Ruppert averaging of the iterates)."""
 
