@@ -497,8 +497,9 @@ def vi_fits(args, lines):
     lines += [
         "## 4. pyroflows.VI(model, AutoAmortizedFlowGuide(model)).run(y, B)",
         "",
-        "Defaults throughout (8 vectorized particles; `SAGA_ELBO` steps and the paired stopping "
-        "rule when B < N; max_steps 10,000). Errors of the globals (and, up to N = 2,000, the "
+        "Defaults throughout (8 vectorized particles; when B < N, `SAGA_ELBO` steps after the "
+        "first plateau and the paired stopping rule; max_steps 10,000). Errors of the globals "
+        "(and, up to N = 2,000, the "
         "worst over all alpha_i) in exact-posterior sd; k-hat is VI's own report (joint "
         "importance weights over all N groups).",
         "",
@@ -556,7 +557,11 @@ def main(args):
     ]
     if args.vi:
         lines[0] = "# AutoAmortizedFlowGuide fitted by pyroflows.VI (issue 17)"
-        lines[2] = lines[2].replace("amortized.py", "amortized.py --vi")
+        lines[2] = (
+            f"`python benchmarks/amortized.py --vi`; seeds {list(args.vi_seeds)}; torch "
+            f"{torch.__version__}, pyro {pyro.__version__}, CPU, 1 thread, on a 2-core machine "
+            "shared with other jobs (times are indicative)."
+        )
         vi_fits(args, lines)
     elif args.variance_reduction or args.variance_reduction_small:
         flag = "--variance-reduction" + ("-small" if args.variance_reduction_small else "")
