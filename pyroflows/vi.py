@@ -560,9 +560,10 @@ class VI:
     of about 1,024 members; the report's importance weights are joint over all N members
     (draws capped at ``max(100, 2e7 / N)``), so ``get_samples`` returns every member's
     locals. ``loss`` must be ``"elbo"`` and the model must broadcast over a leading dim of
-    draws. Measured (``benchmarks/results/amortized_vi.md``): good fits at N = 20 and at
-    N = 2,000 with B = 256; at N = 100,000 the default budget does not reach the
-    posterior, and the report says so (k-hat far above 0.7): use the SVI recipe of
+    draws. Measured (``benchmarks/results/amortized_vi.md``, three seeds each): good fits
+    at N = 20, and at N = 2,000 with B = 256 in two of three seeds (the third stopped early:
+    mu's sd 0.74 of the exact, k-hat 0.66); at N = 100,000 it does not reach the posterior,
+    and the report says so (k-hat 1.2-7.2): use the SVI recipe of
     ``examples/amortized_hierarchical.py`` there.
 
     Args:
