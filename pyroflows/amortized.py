@@ -361,7 +361,8 @@ class AutoAmortizedFlowGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self._init_scale = _check_init_scale(init_scale)
         super().__init__(model)
-        self.__dict__["_forced_members"] = None  # set by members(); not state
+        self.__dict__["_forced_members"] = None  # set by _use_members(); not state
+        self.__dict__["_context_centered"] = False  # set by precondition_globals()
         self._encoder = encoder
         if isinstance(encoder, nn.Module):
             self.encoder = encoder  # registered: trained and saved with the guide
