@@ -518,15 +518,8 @@ def vi_fits(args, lines):
                     max_steps=args.vi_max_steps)  # fmt: skip
             vi.run(y, batch)
             d = vi.diagnostics()
-            globals_ = vi.guide.global_guide.sample_posterior(y, batch, num_samples=args.draws)
-            mean, cov = ex.exact_globals(y)
-            sd = cov.diagonal().sqrt()
-            cells = []
-            for i, name in enumerate(("mu", "beta")):
-                q = globals_[name].double()
-                cells.append(
-                    f"{float((q.mean() - mean[i]) / sd[i]):+.3f}, {float(q.std() / sd[i]):.3f}"
-                )
+            errs = global_errors(vi.guide, y, batch, args.draws)
+            cells = [f"{errs[name][0]:+.3f}, {errs[name][1]:.3f}" for name in ("mu", "beta")]
             local = "-"
             if n <= 2000:
                 m, s = ex.exact_posterior(y)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import NoReturn
 
 import torch
 from pyro import poutine
@@ -29,6 +29,7 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
+from pyroflows._vi_targets import Target
 from pyroflows.amortized import AutoAmortizedFlowGuide
 from pyroflows.guides import _PRECOND_BUFFERS
 from pyroflows.objectives import Objective, _guess_nesting
@@ -43,15 +44,15 @@ MIN_REPORT_DRAWS = 100
 SCORE_MEMBERS = 1024
 
 
-class AmortizedTarget:
-    """:class:`~pyroflows.AutoAmortizedFlowGuide` as VI's target (see the module docstring)."""
-
-    whitened = False
+class AmortizedTarget(Target):
+    """:class:`~pyroflows.AutoAmortizedFlowGuide` as VI's target (see the module docstring);
+    not a distribution over a packed vector (:meth:`posterior` is not defined)."""
 
     def __init__(
         self, model: Callable, guide: AutoAmortizedFlowGuide, args: tuple, kwargs: dict
     ) -> None:
-        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        super().__init__(guide, args, kwargs)
+        self.model = model
         frame = guide._frame
         self.plate = guide.local_plate
         self.size = frame.full_size or frame.size  # N
@@ -75,15 +76,6 @@ class AmortizedTarget:
             ) from err
 
     # ------------------------------------------------------------ state
-    def module(self) -> AutoAmortizedFlowGuide:
-        return self.guide
-
-    def params(self) -> list[Tensor]:
-        return [p for p in self.guide.parameters() if p.requires_grad]
-
-    def state(self) -> dict[str, Any]:
-        return {k: v.detach().clone() for k, v in self.guide.state_dict().items()}
-
     def load(self, state: dict[str, Tensor]) -> None:
         gg = self.guide.global_guide
         if gg is not None:  # a state from before precondition_globals()
@@ -92,13 +84,6 @@ class AmortizedTarget:
                     gg._buffers.pop(name, None)
         self.guide.load_state_dict(state)
         self.preconditioned = gg is not None and gg.preconditioned
-
-    def start(self, *args: Any) -> bool:
-        """No Laplace start (see the module docstring)."""
-        return False
-
-    def finish(self) -> None:
-        """Nothing to write back: the guide is optimised in its own parameters."""
 
     # ------------------------------------------------------------ optimisation
     def loss_fn(self, particles: int, objective: Objective) -> Callable[[], Tensor | float]:
@@ -124,6 +109,9 @@ class AmortizedTarget:
             return plain.differentiable_loss(model, guide, *args, **kwargs)
 
         return loss
+
+    def posterior(self) -> NoReturn:
+        raise NotImplementedError("an amortized guide has no packed posterior; see log_weights")
 
     def on_plateau(self) -> bool:
         """At the first plateau, restart the globals in whitened coordinates; returns whether

@@ -72,6 +72,11 @@ class Target:
     def finish(self) -> None:
         """Leave the fitted state in the user's guide."""
 
+    def on_plateau(self) -> bool:
+        """Called at each plateau of the stopping rule; returns whether the target changed
+        coordinates (the optimiser must then start afresh)."""
+        return False
+
 
 class NativeTarget(Target):
     """Any ``AutoContinuous`` guide: optimised in its own parameterisation."""

@@ -928,7 +928,7 @@ class VI:
                     break
                 phase += 1
                 lr = opt.param_groups[0]["lr"] * self.decay
-                if self._target_restarts():  # new coordinates: a fresh optimiser
+                if self._target.on_plateau():  # new coordinates: a fresh optimiser
                     opt = torch.optim.Adam(params, lr=lr)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -937,10 +937,6 @@ class VI:
                     average = IterateAverage(params)
         final_score = functools.partial(score, max(self.num_draws, self.num_score_draws))
         return converged, average is not None and _keep_average(average, final_score)
-
-    def _target_restarts(self) -> bool:
-        """Tell an amortized target about a plateau (it may change coordinates)."""
-        return isinstance(self._target, AmortizedTarget) and self._target.on_plateau()
 
     def _log_weights(
         self, n: int, seed: int | None, members: Tensor | None = None
