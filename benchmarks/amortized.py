@@ -574,9 +574,15 @@ def main(args):
         if args.variance_reduction or args.variance_reduction_small:
             name = "amortized_variance_small.md" if args.variance_reduction_small else ""
             name = name or "amortized_variance.md"
-        out = ROOT / "benchmarks" / "results" / name
+        out = ROOT / "benchmarks" / "results" / (args.out or name)
         out.write_text("\n".join(lines) + "\n")
         print(f"written to {out}")
+
+
+def _size(text):
+    """``"N"`` or ``"N:B"`` as ``(N, B or None)``."""
+    n, _, b = text.partition(":")
+    return int(n), int(b) if b else None
 
 
 def parse_args(argv=None):
@@ -610,11 +616,18 @@ def parse_args(argv=None):
     )
     parser.add_argument("--vi-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--vi-max-steps", type=int, default=10_000)
+    parser.add_argument(
+        "--vi-sizes",
+        nargs="+",
+        default=["20", "2000:256", "100000:256"],
+        help="section 4's N[:B] (B omitted: the whole plate per step)",
+    )
+    parser.add_argument("--out", help="results file name (default: the section's)")
     parser.add_argument("--saga-epochs", type=float, default=2.5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=50)
     args = parser.parse_args(argv)
-    args.vi_sizes = [(20, None), (args.n_small, 256), (100_000, 256)]
+    args.vi_sizes = [_size(text) for text in args.vi_sizes]
     if args.quick:
         args.vi_sizes, args.vi_seeds, args.vi_max_steps = [(20, None), (300, 32)], [0], 300
         args.steps_small, args.steps_large, args.draws, args.rounds, args.block = 30, 30, 500, 2, 5

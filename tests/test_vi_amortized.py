@@ -12,6 +12,7 @@ import torch
 
 from pyroflows import VI, AutoAmortizedFlowGuide
 from pyroflows._vi_amortized import AmortizedTarget
+from pyroflows.objectives import get_objective
 from pyroflows.vi import PairedMonitor
 from tests.test_amortized import particle_model as model
 
@@ -144,6 +145,80 @@ def test_paired_monitor_restores_the_best_window_average():
     assert first == 14
     peak.restore_best()
     assert float(p.detach()) == pytest.approx(6.5)
+
+
+def test_paired_monitor_counts_the_reset_state_as_a_candidate():
+    """Both window averages score worse than the state the monitor was reset at (a step
+    size too large): restore_best() puts that state back and says it changed the
+    parameters."""
+    p = torch.nn.Parameter(torch.zeros(()))
+    worse = PairedMonitor(5, 0.01, lambda: -(p.detach() ** 2).expand(4), [p])
+    fired = []
+    for step in range(1, 11):
+        with torch.no_grad():
+            p.fill_(float(step))
+        fired.append(worse.update(0.0))
+    assert fired.index(True) == 9
+    assert worse.restore_best() is True
+    assert float(p.detach()) == 0.0
+
+
+def test_paired_monitor_waits_for_a_stationary_gradient():
+    """A flat score plateaus only when the window-mean gradient is within 2 se plus
+    gradient_tol of zero: a gradient of mean 0.5 (noise 0.1) keeps the fit going; one of
+    mean 0.02 lets it stop at the second comparison, like a monitor without gradient."""
+    p = torch.nn.Parameter(torch.zeros(()))
+    g = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.randn(40, 2, generator=g, dtype=D64)
+    step = [0]
+
+    def gradient(mean):
+        return lambda: mean + noise[step[0]]
+
+    flat = lambda: 0.0 * p.detach() + 0.1 * noise[:, 0]  # noqa: E731
+    offset = PairedMonitor(5, 0.01, flat, [p], gradient=gradient(0.5), gradient_tol=0.1)
+    settled = PairedMonitor(5, 0.01, flat, [p], gradient=gradient(0.02), gradient_tol=0.1)
+    fired_offset, fired_settled = [], []
+    for step[0] in range(30):
+        fired_offset.append(offset.update(0.0))
+        fired_settled.append(settled.update(0.0))
+    assert not any(fired_offset)
+    assert offset.last_gradient == pytest.approx(0.5, abs=0.1)
+    assert fired_settled.index(True) == 9
+
+
+def test_global_gradient_is_the_loss_gradient_in_loc_and_log_scale():
+    """After the whitening, global_gradient() is the last step's gradient in the global
+    guide's whitened location and in log(scale) (the chain rule through the softplus
+    checked by autograd of an explicit log-scale leaf); None before the whitening."""
+    y = data(12)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+    guide(y, 4)
+    target = AmortizedTarget(model, guide, (y, 4), {})
+    loss_fn = target.loss_fn(2, get_objective("elbo"))
+
+    def step():
+        for p in target.params():
+            p.grad = None
+        loss = loss_fn()
+        if isinstance(loss, torch.Tensor):  # Trace_ELBO; SAGA_ELBO has backpropagated
+            loss.backward()
+
+    step()
+    assert target.global_gradient() is None  # not whitened yet
+    assert target.on_plateau() is True
+    step()  # SAGA_ELBO from here: the plate is subsampled and the globals whitened
+    gg = guide.global_guide
+    got = target.global_gradient()
+    log_s = gg.scale.detach().log().requires_grad_()
+    raw = torch.log(torch.expm1(log_s.exp()))  # the unconstrained value, as a function
+    assert torch.allclose(raw, gg.scale_unconstrained.detach(), atol=1e-6)
+    (want,) = torch.autograd.grad(raw, log_s, grad_outputs=gg.scale_unconstrained.grad)
+    g = gg.latent_dim
+    assert got.shape == (2 * g,)
+    assert torch.equal(got[:g], gg.loc.grad.reshape(-1))
+    assert torch.allclose(got[g:], want.reshape(-1), rtol=1e-5)
 
 
 def test_errors():
