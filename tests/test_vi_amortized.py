@@ -77,6 +77,7 @@ def test_draws_cover_every_member():
     assert bool(torch.isfinite(draws["theta"]).all())
 
 
+@pytest.mark.slow  # ~35 s together: the default run is kept under 10 minutes
 def test_fit_without_subsampling_matches_the_exact_posterior():
     """N = 12 groups, the whole plate per step: VI's amortized fit is within 0.15 posterior
     sd of the exact means of mu and every theta_i, its sds within 15%, and k-hat < 0.7
@@ -95,10 +96,11 @@ def test_fit_without_subsampling_matches_the_exact_posterior():
     assert vi.guide.global_guide.preconditioned  # whitened at the first plateau
 
 
+@pytest.mark.slow  # ~35 s together: the default run is kept under 10 minutes
 def test_subsampled_fit_uses_saga_and_the_paired_rule():
     """N = 200 groups, 20 per step: the fit runs SAGA steps and stops by the paired rule
     before the budget; mu is within 0.5 posterior sd of its exact mean and its sd within
-    20% (measured: -0.05 sd, sd ratio 0.91, k-hat 0.23, 1,500 steps)."""
+    20% (measured: +0.05 sd, sd ratio 1.00, k-hat 0.13, 1,400 steps)."""
     y = data(200)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1, hidden_dims=[32])
     vi = VI(model, guide, seed=0, progress_bar=False, num_draws=500, max_steps=3000)
