@@ -5,6 +5,7 @@ without subsampling, errors."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pyro
 import pytest
@@ -13,7 +14,7 @@ import torch
 from pyroflows import VI, AutoAmortizedFlowGuide
 from pyroflows._vi_amortized import AmortizedTarget
 from pyroflows.objectives import get_objective
-from pyroflows.vi import PairedMonitor
+from pyroflows.vi import PairedMonitor, _PhaseScore
 from tests.test_amortized import particle_model as model
 
 D64 = torch.float64
@@ -187,6 +188,36 @@ def test_paired_monitor_waits_for_a_stationary_gradient():
     assert not any(fired_offset)
     assert offset.last_gradient == pytest.approx(0.5, abs=0.1)
     assert fired_settled.index(True) == 9
+
+
+def test_paired_monitor_refreshes_the_score_at_each_reset():
+    """The state a phase starts from was chosen on the last phase's draws and members: a
+    score with refresh() gets new ones at every reset (VI's: new draws, and a new subset
+    of members when the plate has more than it scores), and keeps them within a phase."""
+    y = data(3000, m=1)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+    guide(y, 256)
+    target = AmortizedTarget(model, guide, (y, 256), {})
+    calls = []
+    vi = SimpleNamespace(
+        _target=target,
+        num_score_draws=3,
+        _log_weights=lambda n, seed, members: calls.append((seed, members)) or (None, p_w()),
+    )
+    p = torch.nn.Parameter(torch.zeros(()))
+    p_w = lambda: torch.zeros(3, dtype=D64) + p.detach()  # noqa: E731
+    score = _PhaseScore(vi, seed=10)
+    monitor = PairedMonitor(2, 0.01, score, [p])  # the reset in __init__ refreshes once
+    for _ in range(6):  # windows end at updates 2, 4, 6 (each also scores the start once)
+        monitor.update(0.0)
+    first = calls[:]
+    monitor.reset()
+    for _ in range(3):
+        monitor.update(0.0)
+    second = calls[len(first) :]
+    assert {s for s, _ in first} == {10} and {s for s, _ in second} == {11}
+    assert all(torch.equal(m, first[0][1]) for _, m in first)
+    assert len(first[0][1]) == 1024 and not torch.equal(first[0][1], second[0][1])
 
 
 def test_global_gradient_is_the_loss_gradient_in_loc_and_log_scale():
