@@ -9,8 +9,9 @@ same pieces as the other targets through the model and guide traces instead:
   (control variates over the plate's members);
 * joint importance log-weights :math:`\log p(x, \theta, z_{1:N}) - \log q(\theta) -
   \sum_i \log q(z_i \mid x_i, \theta)` of guide draws, over all N members (the report) or
-  over a fixed subset of them with the plate's scale N / B (the ELBO scores that compare
-  pilots and states, with common random numbers);
+  over a seeded subset of them with the scale N / M (the ELBO scores that compare pilots
+  and states, with common random numbers; a new subset for each phase of the stopping
+  rule);
 * the whitened restart: at the first plateau the global guide is restarted at its own
   moments in whitened coordinates (:meth:`~pyroflows.AutoAmortizedFlowGuide.
   precondition_globals`), the analogue of VI's Laplace start for these guides (a joint mode
@@ -40,7 +41,7 @@ MEMBER_CHUNK = 2**16
 # the report's draws are capped so that draws x N stays under this (at N = 100,000: 200)
 REPORT_MEMBER_BUDGET = 2 * 10**7
 MIN_REPORT_DRAWS = 100
-# members in the fixed subset behind the ELBO scores (all of them up to this size)
+# members in the subset behind an ELBO score (all of them up to this size)
 SCORE_MEMBERS = 1024
 
 
@@ -146,7 +147,7 @@ class AmortizedTarget(Target):
 
     # ------------------------------------------------------------ importance weights
     def score_members(self, seed: int) -> Tensor:
-        """The fixed members behind the ELBO scores: all N, or a seeded random subset of about
+        """The members behind an ELBO score: all N, or a seeded random subset of about
         ``SCORE_MEMBERS`` (a whole number of the plate's subsamples)."""
         size = self.batch * math.ceil(SCORE_MEMBERS / self.batch)
         if self.size <= size:

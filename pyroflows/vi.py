@@ -633,8 +633,8 @@ class VI:
     :class:`PairedMonitor` as the stopping rule (windows of at least one epoch, N / B
     steps; at each plateau the best of the phase's start and its window averages is put
     back, with a fresh optimiser; after the whitening a plateau also needs the global
-    guide's window-mean gradient near zero); ELBO scores use a fixed subset of about 1,024
-    members; the report's importance weights are joint over all N members (draws capped
+    guide's window-mean gradient near zero); ELBO scores use a seeded subset of about 1,024
+    members (new draws and members for each phase); the report's importance weights are joint over all N members (draws capped
     at ``max(100, 2e7 / N)``, with the k-hat warning threshold lowered to what that many
     draws can show, ``1 - 1/log10 S``), so ``get_samples`` returns every member's locals.
     ``loss`` must be ``"elbo"`` and the model must broadcast over a leading dim of draws.
