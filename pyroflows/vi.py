@@ -634,16 +634,16 @@ class VI:
     steps; at each plateau the best of the phase's start and its window averages is put
     back, with a fresh optimiser; after the whitening a plateau also needs the global
     guide's window-mean gradient near zero); ELBO scores use a seeded subset of about 1,024
-    members (new draws and members for each phase); the report's importance weights are joint over all N members (draws capped
-    at ``max(100, 2e7 / N)``, with the k-hat warning threshold lowered to what that many
-    draws can show, ``1 - 1/log10 S``), so ``get_samples`` returns every member's locals.
+    members (new draws and members for each phase); the report's importance weights are
+    joint over all N members (draws capped at ``max(100, 2e7 / N)``, with the k-hat
+    warning threshold lowered to what that many draws can show, ``1 - 1/log10 S``), so
+    ``get_samples`` returns every member's locals.
     ``loss`` must be ``"elbo"`` and the model must broadcast over a leading dim of draws.
     Measured (``benchmarks/results/amortized_vi.md``, three seeds each): good fits at
-    N = 20, and at N = 2,000 with B = 256 in two of three seeds (the third stopped early:
-    mu 0.28 posterior sd off, its sd 0.76 of the exact, k-hat 0.56); at N = 100,000 one
-    seed of three comes within 0.42 posterior sd (k-hat 0.39) and the other two are 1.3 and
-    3.8 sd off, and VI warns for both (k-hat 0.67 from 200 draws, 2.61): use the SVI
-    recipe of ``examples/amortized_hierarchical.py`` there (0.02 sd).
+    N = 20 (globals within 0.04 posterior sd) and at N = 2,000 with B = 256 (within 0.054
+    sd, sds 0.92-1.00, k-hat 0.13-0.34); at N = 100,000 the globals come within 0.21-0.58
+    posterior sd, sds 0.72-0.97 of the exact (k-hat 0.29-0.66 from 200 draws; VI warns for
+    the 0.66), where the SVI recipe of ``examples/amortized_hierarchical.py`` gets 0.02 sd.
 
     Args:
         model: A Pyro model with continuous latent sites.
