@@ -304,9 +304,9 @@ class ImportanceReport:
     def band(self) -> str:
         if math.isnan(self.khat):
             return "unavailable"
-        if self.khat < 0.5:
-            return "good"
-        return "usable" if self.khat < self.threshold else "unreliable"
+        if self.khat >= self.threshold:  # the warning's condition (below 0.5 from < 100 draws)
+            return "unreliable"
+        return "good" if self.khat < KHAT_GOOD else "usable"
 
 
 def importance_report(log_w: Tensor) -> ImportanceReport:

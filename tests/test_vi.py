@@ -791,3 +791,16 @@ def test_low_rank_laplace_start_fits_a_correlated_gaussian_above_max_hessian_dim
     d = vi.diagnostics()
     assert d["init"].startswith("low-rank") and vi.guide.base == "diagonal"
     assert -d["elbo"] < 0.2 and d["khat"] < 0.5, d
+
+
+@pytest.mark.parametrize(
+    ("draws", "khat", "band"),
+    [(8000, 0.69, "usable"), (8000, 0.7, "unreliable"), (200, 0.56, "usable"),
+     (200, 0.57, "unreliable"), (25, 0.3, "unreliable"), (8000, 0.3, "good")],
+)  # fmt: skip
+def test_khat_threshold_follows_the_number_of_draws(draws, khat, band):
+    """k-hat from S draws is reliable only below 1 - 1/log10(S) (Vehtari et al. 2024): the
+    usable band ends there when that is under 0.7 (0.565 at 200 draws, 0.285 at 25)."""
+    report = ImportanceReport(-1.0, 0.01, khat, 100.0, -1.0, 0.01, draws)
+    assert report.threshold == pytest.approx(min(0.7, 1 - 1 / math.log10(draws)))
+    assert report.band == band
