@@ -16,7 +16,9 @@ examples/amortized_hierarchical.py (issue 17 acceptance), against its exact post
     python benchmarks/amortized.py --quick    # smaller budgets, to check the script
 
 4. (--vi) pyroflows.VI with the amortized guide at N = 20 (full batch), 2,000 and 100,000
-   (subsample 256), three seeds each, writes benchmarks/results/amortized_vi.md.
+   (subsample 256), three seeds each, writes benchmarks/results/amortized_vi.md (~20 min on
+   one core). ``--vi-sizes 20 2000:256 --out a.md`` and ``--vi-sizes 100000:256 --out b.md``
+   split it over two processes (the results file of 2026-12-03 was merged from such a pair).
 """
 
 from __future__ import annotations
