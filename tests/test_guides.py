@@ -182,7 +182,11 @@ def test_flow_guide_beats_gaussian_autoguides(model_name, name, num_flows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FLOWS))
+@pytest.mark.parametrize(
+    # affine layers (actnorm, linear-lu) keep a Gaussian base Gaussian: they cannot beat it
+    "name",
+    [f for f in sorted(FLOWS) if not FLOWS[f](2).affine],
+)
 def test_every_flow_beats_gaussian_autoguides_on_banana(name):
     slow_fit = dict(FIT, steps=500, lr=0.03)
     guide = fit(banana, AutoFlowGuide(banana, flow=name, num_flows=4), **slow_fit)

@@ -371,3 +371,22 @@ def test_cache_follows_copies_and_conversions(kind, name, fk):
     other = torch.float32 if fk["dtype"] == torch.float64 else torch.float64
     module.to(other)
     assert module(torch.randn(5, D, dtype=other, device=fk["device"])).dtype == other
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_affine_metadata_is_true_exactly_for_affine_maps(name):
+    """A class declaring ``affine = True`` is an affine map at random parameters (the image
+    of a midpoint is the midpoint of the images, and the log-det is the same everywhere);
+    every other family is not, at random far-from-identity parameters."""
+    torch.manual_seed(0)
+    module = randomize_(build("flow", name))
+    x, z = torch.randn(2, 64, D, dtype=torch.float64)
+    with torch.no_grad():
+        mid = module(0.5 * (x + z))
+        gap = (mid - 0.5 * (module(x) + module(z))).abs().max()
+        ladj = module.log_abs_det_jacobian(x, module(x))
+    if module.affine:
+        assert float(gap) < 1e-10
+        torch.testing.assert_close(ladj, ladj[:1].expand_as(ladj))
+    else:
+        assert float(gap) > 1e-3, f"{name} looks affine but does not declare it"

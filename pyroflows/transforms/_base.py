@@ -45,7 +45,9 @@ class FlowMixin:
 
     Class attributes describe the family (read by :func:`needs_permutation` and the tests):
     ``autoregressive`` / ``coupling`` (a fixed coordinate order, so a permutation belongs
-    between consecutive layers) and ``starts_at_identity``.
+    between consecutive layers), ``starts_at_identity``, and ``affine`` (an affine map of
+    its input: a stack of such layers over a Gaussian base is still Gaussian, so it can
+    match but not beat a full-rank Gaussian guide).
     """
 
     domain = constraints.real_vector
@@ -54,6 +56,7 @@ class FlowMixin:
     autoregressive = False
     coupling = False
     starts_at_identity = True
+    affine = False
     input_dim: int
     _flow_cache: tuple[Tensor, Tensor, Tensor | None, tuple] | None = None
 

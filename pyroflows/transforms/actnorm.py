@@ -81,6 +81,7 @@ class ActNorm(FlowModule):
     """
 
     forward_fn = staticmethod(_actnorm)
+    affine = True
     inverse_fn = staticmethod(_actnorm_inverse)
     inverse_ladj = True
 

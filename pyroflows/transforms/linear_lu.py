@@ -123,6 +123,7 @@ class LinearLU(FlowModule):
     """
 
     forward_fn = staticmethod(_linear_lu)
+    affine = True
     inverse_fn = staticmethod(_linear_lu_inverse)
     inverse_ladj = True
 
