@@ -9,16 +9,15 @@ linear-lu: forming W = (I + L) U also for D <= 16), each at a few sizes:
     OMP_NUM_THREADS=1 python benchmarks/density_opcounts.py   # ~2 min; zuko needed
 
 Prints a table and writes ``benchmarks/results/density_opcounts.md``. Times are medians of
-interleaved rounds (us per call), so each ratio compares calls made side by side.
+interleaved rounds (``_timing.time_interleaved``, as in ``density_speed.py``; us per call),
+so each ratio compares calls made side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import density_speed as ds  # noqa: E402
+from _timing import time_interleaved  # noqa: E402
 
 ACTNORM = importlib.import_module("pyroflows.transforms.actnorm")
 LINEAR_LU = importlib.import_module("pyroflows.transforms.linear_lu")
@@ -72,7 +72,7 @@ def aten_calls(fn: Callable[[], object]) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
-def row(family: str, op: str, k: int, d: int, b: int, rounds: int, calls: int) -> dict:
+def row(family: str, op: str, k: int, d: int, b: int, repeats: int) -> dict:
     x = torch.randn(b, d)
     ours = ds.ops(ds.ours(family, k, d, 64), x)[op]
     zuko = ds.ops(ds.zuko_peer(family, k, d, 64), x)[op]
@@ -83,15 +83,9 @@ def row(family: str, op: str, k: int, d: int, b: int, rounds: int, calls: int) -
 
     fns = {"ours": ours, "variant": variant, "zuko": zuko}
     counts = {n: aten_calls(f) for n, f in fns.items()} if b == 1 else {}
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls * 1e6)
-    med = {n: statistics.median(t) for n, t in times.items()}
-    return dict(family=family, op=op, k=k, d=d, b=b, counts=counts, **med)
+    ms = time_interleaved(list(fns.values()), torch.device("cpu"), repeats=repeats)
+    return dict(family=family, op=op, k=k, d=d, b=b, counts=counts,
+                **{n: 1e3 * t for n, t in zip(fns, ms, strict=True)})  # fmt: skip
 
 
 def fmt(r: dict) -> str:
@@ -109,21 +103,21 @@ def main(args: argparse.Namespace) -> None:
     if ds.zuko is None:
         raise SystemExit("zuko is needed: pip install zuko")
     configs = [
-        ("actnorm", "train", 8, 64, 1, 50),
-        ("actnorm", "train", 8, 64, 256, 50),
-        ("actnorm", "train", 8, 512, 8192, 3),
-        ("linear-lu", "sample", 8, 2, 1, 50),
-        ("linear-lu", "sample", 1, 2, 1, 50),
-        ("linear-lu", "sample", 8, 64, 1, 50),
+        ("actnorm", "train", 8, 64, 1),
+        ("actnorm", "train", 8, 64, 256),
+        ("actnorm", "train", 8, 512, 8192),
+        ("linear-lu", "sample", 8, 2, 1),
+        ("linear-lu", "sample", 1, 2, 1),
+        ("linear-lu", "sample", 8, 64, 1),
     ]
     if args.quick:
-        configs = [c[:5] + (2,) for c in configs if c[4] == 1]
+        configs = [c for c in configs if c[4] == 1]
     lines = [
         "# Per-layer costs at batch 1 (issue 14): the last two slow rows, attributed",
         "",
         f"`python benchmarks/density_opcounts.py`; torch {torch.__version__}, zuko "
-        f"{ds.zuko.__version__}, one thread. Times: us per call, medians of {args.rounds} "
-        "interleaved rounds; aten calls of one call (B = 1 rows). Variant: actnorm with the "
+        f"{ds.zuko.__version__}, one thread. Times: us per call, medians of at least "
+        f"{args.rounds} interleaved rounds (`_timing.time_interleaved`); aten calls of one call (B = 1 rows). Variant: actnorm with the "
         "plain `(y - loc) / s` inverse; linear-lu forming W = (I + L) U also for D <= 16. "
         "Ratio: zuko / ours (> 1: ours faster).",
         "",
@@ -132,8 +126,8 @@ def main(args: argparse.Namespace) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
-    for family, op, k, d, b, calls in configs:
-        lines.append(fmt(row(family, op, k, d, b, args.rounds, calls)))
+    for family, op, k, d, b in configs:
+        lines.append(fmt(row(family, op, k, d, b, args.rounds)))
         print(lines[-1], flush=True)
     if not args.quick:
         out = Path(__file__).parent / "results" / "density_opcounts.md"
@@ -144,7 +138,9 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="B = 1 rows, 2 calls; writes nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="B = 1 rows, 2 rounds; writes nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 2

@@ -199,18 +199,16 @@ class PairedMonitor(ConvergenceMonitor):
             self._score(self._start)
         current = self._score(self._average.mean)
         self._average = IterateAverage(self.params)
+        stationary = self._stationary()  # also ends the window's gradient record
         previous, self._previous = self._previous, current
         if previous is None:
-            self._grads = []
             return False
         diff = current - previous
         diff = diff[torch.isfinite(diff)]
         if len(diff) < 2:
-            self._grads = []
             return False
         self.last_improvement = float(diff.mean())
         se = float(diff.std()) / math.sqrt(len(diff))
-        stationary = self._stationary()
         return self.last_improvement < self.z * se + self.tol and stationary
 
     def _score(self, values: list[Tensor]) -> Tensor:

@@ -81,9 +81,9 @@ class ActNorm(FlowModule):
     """
 
     forward_fn = staticmethod(_actnorm)
-    affine = True
     inverse_fn = staticmethod(_actnorm_inverse)
     inverse_ladj = True
+    affine = True
 
     def __init__(self, input_dim: int) -> None:
         super().__init__(cache_size=1)

@@ -123,9 +123,9 @@ class LinearLU(FlowModule):
     """
 
     forward_fn = staticmethod(_linear_lu)
-    affine = True
     inverse_fn = staticmethod(_linear_lu_inverse)
     inverse_ladj = True
+    affine = True
 
     def __init__(self, input_dim: int, permutation: Sequence[int] | Tensor | None = None) -> None:
         super().__init__(cache_size=1)
