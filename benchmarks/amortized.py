@@ -503,11 +503,12 @@ def vi_fits(args, lines):
         "first plateau and the paired stopping rule; max_steps 10,000). Errors of the globals "
         "(and, up to N = 2,000, the "
         "worst over all alpha_i) in exact-posterior sd; k-hat is VI's own report (joint "
-        "importance weights over all N groups).",
+        "importance weights over all N groups), and KL its ELBO's gap to the exact log p(y) "
+        "(KL(q || posterior) over all N groups' latents, nats, +- the ELBO's se).",
         "",
-        "| N | B | seed | steps | converged | k-hat (draws) | mu: mean err, sd ratio "
+        "| N | B | seed | steps | converged | k-hat (draws) | KL | mu: mean err, sd ratio "
         "| beta: mean err, sd ratio | alpha: worst mean err, sd ratio range | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     from pyroflows import VI
 
@@ -531,7 +532,9 @@ def vi_fits(args, lines):
                 local = f"{err:.3f}, {float(ratio.min()):.3f}-{float(ratio.max()):.3f}"
             lines.append(
                 f"| {n:,} | {batch or n} | {seed} | {d['steps']} | {d['converged']} "
-                f"| {d['khat']:.2f} ({d['num_draws']}) | {cells[0]} | {cells[1]} | {local} "
+                f"| {d['khat']:.2f} ({d['num_draws']}) "
+                f"| {ex.exact_log_evidence(y) - d['elbo']:.2f} +- {d['elbo_se']:.2f} "
+                f"| {cells[0]} | {cells[1]} | {local} "
                 f"| {d['seconds']:.0f} |"
             )
             print(lines[-1], flush=True)

@@ -77,6 +77,12 @@ class Target:
         coordinates (the optimiser must then start afresh)."""
         return False
 
+    def rewhiten(self) -> bool:
+        """Called at each plateau before :meth:`on_plateau`: whether the target moved to new
+        coordinates that restart the phase (same step size, a fresh optimiser, the
+        stopping rule and any iterate average started again)."""
+        return False
+
 
 class NativeTarget(Target):
     """Any ``AutoContinuous`` guide: optimised in its own parameterisation."""

@@ -626,7 +626,11 @@ class VI:
     An :class:`~pyroflows.AutoAmortizedFlowGuide` (local latent variables, possibly under a
     subsampled plate) is fitted by the same pilots, decays, averaging, restarts and report,
     with these differences (:mod:`pyroflows._vi_amortized`): no mode search; the global
-    guide is whitened by its own moments at the first plateau (and the optimiser restarted);
+    guide is whitened by its own moments at the first plateau (and the optimiser restarted),
+    and again at a later plateau if its sd in those coordinates has moved off 1 by more than
+    a factor 2 (the phase then starts over at the same step size, at most three times: at
+    N = 100,000 the first whitening was 11x too wide in mu, which made SAGA's gradient noise
+    20x what it is in the posterior's own coordinates);
     steps use :class:`~pyroflows.SAGA_ELBO` after that when the plate is subsampled, with
     :class:`PairedMonitor` as the stopping rule (windows of at least one epoch, N / B
     steps; at each plateau the best of the phase's start and its window averages is put
@@ -1000,6 +1004,12 @@ class VI:
                 average.update()
             if monitor.update(loss):
                 restored = monitor.restore_best()
+                if self._target.rewhiten():  # new coordinates: the phase starts again
+                    opt = torch.optim.Adam(params, lr=opt.param_groups[0]["lr"])
+                    monitor.reset()
+                    if average is not None:
+                        average = IterateAverage(params)
+                    continue
                 if phase == self.num_decays:
                     converged = True
                     break

@@ -287,6 +287,26 @@ def test_example_exact_posteriors_agree():
     torch.testing.assert_close(cov.diagonal().sqrt(), joint_sd[:2])
 
 
+def test_example_log_evidence_against_dense_marginal():
+    """The O(N) log-evidence against the dense marginal of all N * n observations."""
+    ex = _example()
+    y = ex.simulate(6, 3, seed=1).double()
+    num_groups, n = y.shape
+    x = ex.design(n).double()
+    # y = mu 1 + beta x + alpha_i 1 + noise, all Gaussian: the marginal covariance
+    a_mu = torch.ones(num_groups * n).double()
+    a_beta = x.repeat(num_groups)
+    groups = torch.kron(torch.eye(num_groups).double(), torch.ones(n, n).double())
+    cov = (
+        ex.PRIOR_SD**2 * (torch.outer(a_mu, a_mu) + torch.outer(a_beta, a_beta))
+        + ex.TAU**2 * groups
+        + ex.SIGMA**2 * torch.eye(num_groups * n).double()
+    )
+    dense = torch.distributions.MultivariateNormal(torch.zeros(num_groups * n).double(), cov)
+    expected = float(dense.log_prob(y.reshape(-1)))
+    assert ex.exact_log_evidence(y) == pytest.approx(expected, abs=1e-9)
+
+
 def _errors(draws, names, mean, sd):
     q = torch.cat([draws[n].reshape(len(draws[n]), -1).double() for n in names], dim=1)
     return (

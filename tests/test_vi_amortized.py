@@ -254,6 +254,100 @@ def test_global_gradient_is_the_loss_gradient_in_loc_and_log_scale():
     assert torch.allclose(got[g:], want.reshape(-1), rtol=1e-5)
 
 
+def test_global_guide_is_whitened_again_when_its_coordinates_go_stale():
+    """At the first plateau the globals are whitened; at a later one again (rewhiten())
+    only if the global guide's sd in those coordinates is off 1 by more than a factor 2
+    along some direction (here: shrunk 3x, as at large N, where the first whitening was
+    11x too wide); the guide's distribution is the same before and after."""
+    from pyroflows.guides import _set_constrained
+
+    y = data(12)
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+    guide(y, 4)
+    target = AmortizedTarget(model, guide, (y, 4), {})
+    gg = guide.global_guide
+    assert target.rewhiten() is False  # nothing to re-whiten before the whitening
+    assert target.on_plateau() is True  # the first whitening
+    assert not target.whitening_stale()
+    assert target.on_plateau() is False and target.rewhiten() is False  # fresh: kept
+    with torch.no_grad():
+        _set_constrained(gg, "scale", gg.scale / 3)
+        gg.loc.fill_(0.7)
+    assert target.whitening_stale()
+    before = gg.get_posterior().sample((20000,))
+    old = gg.precond_scale_tril.clone()
+    assert target.on_plateau() is False  # the first whitening happens once
+    assert target.rewhiten() is True  # whitened again: the phase restarts
+    assert target.rewhitenings == 1 and not target.whitening_stale()
+    torch.testing.assert_close(gg.precond_scale_tril, old / 3, rtol=0.05, atol=0.0)
+    after = gg.get_posterior().sample((20000,))
+    sd = before.std(0)
+    assert ((after.mean(0) - before.mean(0)).abs() < 0.05 * sd).all()
+    assert ((after.std(0) / sd - 1).abs() < 0.05).all()
+    with torch.no_grad():  # 1.5x wider: within the factor 2, kept
+        _set_constrained(gg, "scale", gg.scale * 1.5)
+    assert not target.whitening_stale()
+
+
+def test_a_rewhitening_restarts_the_phase_at_the_same_step_size(monkeypatch):
+    """VI's optimiser loop: at a plateau where the target whitens again, the phase starts
+    over (same step size, a fresh Adam, the stopping rule reset) instead of counting as a
+    decay; the other plateaus decay as before."""
+    import pyroflows.vi as vi_module
+    from pyroflows.vi import ConvergenceMonitor, _Run
+
+    p = torch.nn.Parameter(torch.zeros(()))
+    events = []
+
+    class Target:
+        rewhitenings = 0
+
+        def params(self):
+            return [p]
+
+        def rewhiten(self):
+            if self.rewhitenings == 0:  # at the first plateau only
+                self.rewhitenings = 1
+                events.append("rewhiten")
+                return True
+            return False
+
+        def on_plateau(self):
+            events.append("plateau")
+            return False
+
+    class EveryTenSteps(ConvergenceMonitor):
+        def reset(self):
+            super().reset()
+            self.count = 0
+            events.append("reset")
+
+        def update(self, loss):
+            self.count += 1
+            return self.count == 10
+
+    optimisers, lrs = [], []
+
+    def step(opt, params, loss_fn):
+        if not optimisers or optimisers[-1] is not opt:
+            optimisers.append(opt)
+        lrs.append(opt.param_groups[0]["lr"])
+        return 0.0
+
+    monkeypatch.setattr(vi_module, "_step", step)
+    vi = VI(model, progress_bar=False, num_decays=2, decay=0.5, max_steps=100)
+    vi._target = Target()
+    score = lambda num=0: 0.0  # noqa: E731
+    monitor = EveryTenSteps()
+    events.clear()
+    converged, _ = vi._optimise(None, 0.1, _Run(), lambda: None, score, monitor)
+    assert converged and len(lrs) == 40  # 10 steps each: the phase twice, then two decays
+    assert lrs == [0.1] * 20 + [0.05] * 10 + [0.025] * 10
+    assert events == ["reset", "rewhiten", "reset", "plateau", "reset", "plateau", "reset"]
+    assert len(optimisers) == 2  # a fresh Adam after the rewhitening only (no restore)
+
+
 def test_errors():
     y = data(10)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
