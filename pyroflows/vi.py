@@ -638,8 +638,9 @@ class VI:
     guide's window-mean gradient near zero); ELBO scores use a seeded subset of about 1,024
     members (new draws and members for each phase); the report's importance weights are
     joint over all N members (draws capped at ``max(100, 2e7 / N)``, with the k-hat
-    warning threshold lowered to what that many draws can show, ``1 - 1/log10 S``), so
-    ``get_samples`` returns every member's locals.
+    warning threshold lowered to what that many draws can show, ``1 - 1/log10 S``, and a
+    warning that k-hat from so few draws cannot certify the globals), so ``get_samples``
+    returns every member's locals.
     ``loss`` must be ``"elbo"`` and the model must broadcast over a leading dim of draws.
     Measured (``benchmarks/results/amortized_vi.md``, three seeds each): good fits at
     N = 20 (globals within 0.03 posterior sd) and at N = 2,000 with B = 256 (within 0.033
@@ -1053,6 +1054,20 @@ class VI:
                 + (f" (the limit for {report.num_draws} draws)" if few else "")
                 + ": the fitted guide misses posterior mass; do not trust its tails or "
                 "uncertainties (try another flow, more flow layers, or MCMC).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.log_density is None and self._report_draws() < self.num_draws:
+            size = self._target.size
+            warnings.warn(
+                f"VI: the report's importance weights are joint over all {size:,} members, so "
+                f"only {report.num_draws} draws were affordable (of num_draws="
+                f"{self.num_draws}): its k-hat cannot certify the global sites at this size "
+                "(at N = 100,000, benchmarks/results/amortized_vi.md, VI's globals came "
+                "0.16-0.60 posterior sd off with k-hat 0.39-0.56, where the stopping rule "
+                "cannot see the local guide's remaining error). For precise globals, train "
+                "longer with SAGA_ELBO and 16 particles (examples/amortized_hierarchical.py), "
+                "or compare fits from two seeds.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -5,6 +5,7 @@ without subsampling, errors."""
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pyro
@@ -346,6 +347,33 @@ def test_a_rewhitening_restarts_the_phase_at_the_same_step_size(monkeypatch):
     assert lrs == [0.1] * 20 + [0.05] * 10 + [0.025] * 10
     assert events == ["reset", "rewhiten", "reset", "plateau", "reset", "plateau", "reset"]
     assert len(optimisers) == 2  # a fresh Adam after the rewhitening only (no restore)
+
+
+def test_warns_when_the_report_draws_are_capped(monkeypatch):
+    """When N is so large that the report's joint weights afford fewer draws than
+    num_draws, VI says its k-hat cannot certify the globals (and what to do); not
+    otherwise."""
+    import pyroflows._vi_amortized as amortized_module
+
+    y = data(12)
+
+    def fit():
+        guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vi = VI(model, guide, seed=0, progress_bar=False, max_steps=40, num_draws=300)
+            vi.run(y, 4)
+        return vi, [str(w.message) for w in caught]
+
+    vi, messages = fit()
+    assert vi.diagnostics()["num_draws"] == 300
+    assert not any("cannot certify" in m for m in messages)
+    monkeypatch.setattr(amortized_module, "REPORT_MEMBER_BUDGET", 1200)  # 100 draws x 12
+    vi, messages = fit()
+    assert vi.diagnostics()["num_draws"] == 100
+    (message,) = [m for m in messages if "cannot certify" in m]
+    assert "all 12 members" in message and "only 100 draws" in message
+    assert "num_draws=300" in message and "SAGA_ELBO" in message
 
 
 def test_errors():
