@@ -156,6 +156,7 @@ def exact_mu(y):
     return (y.mean(1).sum() / (1 + 1 / m)) / prec, prec**-0.5
 
 
+@pytest.mark.slow  # ~16 s: the default run is kept under 10 minutes
 def test_subsampled_fit_recovers_the_globals():
     """N = 400 groups, 20 per step: SAGA's fit of mu is within 0.3 posterior sd of the exact
     posterior mean and its sd within 30% (measured: -0.02 sd and 0.93)."""

@@ -377,6 +377,7 @@ def bimodal():
     pyro.factor("mixture", torch.logaddexp(narrow, broad))
 
 
+@pytest.mark.slow  # ~16 s: the default run is kept under 10 minutes
 def test_restarts_pick_the_better_of_a_good_and_a_bad_start():
     guide = AutoFlowGuide(
         bimodal, init_loc_fn=init_to_value(values={"x": torch.tensor(0.5, dtype=F64)})
