@@ -67,36 +67,41 @@ def model(y: torch.Tensor, subsample_size: int | None = None) -> None:
         pyro.sample("y", dist.Normal(loc, SIGMA).to_event(1), obs=y[idx])
 
 
+def _marginal_of_globals(
+    y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With alpha integrated out each group's ``y_i ~ N(A theta, Sigma)``, Sigma = SIGMA² I +
+    TAU² 11ᵀ, given theta = (mu, beta) ~ N(0, PRIOR_SD² I). Returns Sigma, the prior
+    precision Lambda_0, theta's posterior precision Lambda = Lambda_0 + N A' Sigma⁻¹ A and
+    ``b = A' Sigma⁻¹ sum_i y_i`` (posterior mean Lambda⁻¹ b), in O(N) time."""
+    y = y.double()
+    num_groups, n = y.shape
+    a = torch.stack([torch.ones(n).double(), design(n).double()], dim=1)  # (n, 2)
+    cov_y = SIGMA**2 * torch.eye(n).double() + TAU**2
+    at_inv = torch.linalg.solve(cov_y, a).T  # Aᵀ Σ⁻¹, (2, n)
+    prior_precision = torch.eye(2).double() / PRIOR_SD**2
+    precision = prior_precision + num_groups * at_inv @ a
+    return cov_y, prior_precision, precision, at_inv @ y.sum(0)
+
+
 def exact_globals(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact posterior mean and covariance of (mu, beta), alpha integrated out (any N).
 
     Each group's ``y_i ~ N(mu + beta x, SIGMA² I + TAU² 11ᵀ)``, so (mu, beta) has a Gaussian
     posterior whose precision and mean need only the sum of the ``y_i``: O(N) time.
     """
-    y = y.double()
-    num_groups, n = y.shape
-    a = torch.stack([torch.ones(n).double(), design(n).double()], dim=1)  # (n, 2)
-    cov_y = SIGMA**2 * torch.eye(n).double() + TAU**2
-    at_inv = torch.linalg.solve(cov_y, a).T  # Aᵀ Σ⁻¹, (2, n)
-    precision = torch.eye(2).double() / PRIOR_SD**2 + num_groups * at_inv @ a
+    precision, b = _marginal_of_globals(y)[2:]
     cov = torch.linalg.inv(precision)
-    return cov @ (at_inv @ y.sum(0)), cov
+    return cov @ b, cov
 
 
 def exact_log_evidence(y: torch.Tensor) -> float:
-    """log p(y), the latents integrated out (any N, O(N) time): with each group's
-    ``y_i ~ N(A theta, Sigma)`` given theta = (mu, beta) ~ N(0, PRIOR_SD² I),
-    ``sum_i log N(y_i; 0, Sigma) + (b' Lambda⁻¹ b - log|Lambda| + log|Lambda_0|) / 2`` with
-    ``Lambda = Lambda_0 + N A' Sigma⁻¹ A`` and ``b = A' Sigma⁻¹ sum_i y_i``."""
-    y = y.double()
-    num_groups, n = y.shape
-    a = torch.stack([torch.ones(n).double(), design(n).double()], dim=1)
-    cov_y = SIGMA**2 * torch.eye(n).double() + TAU**2
-    groups = dist.MultivariateNormal(torch.zeros(n).double(), cov_y).log_prob(y).sum()
-    at_inv = torch.linalg.solve(cov_y, a).T
-    prior_precision = torch.eye(2).double() / PRIOR_SD**2
-    precision = prior_precision + num_groups * at_inv @ a
-    b = at_inv @ y.sum(0)
+    """log p(y), the latents integrated out (any N, O(N) time): in the terms of
+    :func:`_marginal_of_globals`, ``sum_i log N(y_i; 0, Sigma) + (b' Lambda⁻¹ b -
+    log|Lambda| + log|Lambda_0|) / 2``."""
+    cov_y, prior_precision, precision, b = _marginal_of_globals(y)
+    zero = torch.zeros(len(cov_y)).double()
+    groups = dist.MultivariateNormal(zero, cov_y).log_prob(y.double()).sum()
     quad = b @ torch.linalg.solve(precision, b)
     logdets = torch.logdet(precision) - torch.logdet(prior_precision)
     return float(groups + 0.5 * (quad - logdets))
