@@ -504,11 +504,14 @@ def vi_fits(args, lines):
         "(and, up to N = 2,000, the "
         "worst over all alpha_i) in exact-posterior sd; k-hat is VI's own report (joint "
         "importance weights over all N groups), and KL its ELBO's gap to the exact log p(y) "
-        "(KL(q || posterior) over all N groups' latents, nats, +- the ELBO's se).",
+        "(KL(q || posterior) over all N groups' latents, nats, +- the ELBO's se). check: VI's "
+        "check of the globals after the fit (`diagnostics()['globals_check']`): how far the "
+        "fitted global guide was from its first estimate (posterior sd), and if it moved the "
+        "guide, the last estimate's offset +- se (estimates made).",
         "",
         "| N | B | seed | steps | converged | k-hat (draws) | KL | mu: mean err, sd ratio "
-        "| beta: mean err, sd ratio | alpha: worst mean err, sd ratio range | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| beta: mean err, sd ratio | alpha: worst mean err, sd ratio range | check | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     from pyroflows import VI
 
@@ -534,11 +537,22 @@ def vi_fits(args, lines):
                 f"| {n:,} | {batch or n} | {seed} | {d['steps']} | {d['converged']} "
                 f"| {d['khat']:.2f} ({d['num_draws']}) "
                 f"| {ex.exact_log_evidence(y) - d['elbo']:.2f} +- {d['elbo_se']:.2f} "
-                f"| {cells[0]} | {cells[1]} | {local} "
+                f"| {cells[0]} | {cells[1]} | {local} | {check_cell(d['globals_check'])} "
                 f"| {d['seconds']:.0f} |"
             )
             print(lines[-1], flush=True)
     lines.append("")
+
+
+def check_cell(check):
+    """The globals' check in a table cell."""
+    if check is None or "offset" not in check:
+        return "-" if check is None else f"none ({check['reason']})"
+    if not check["moved"]:
+        return f"{check['offset']:.2f}, kept"
+    if check["remaining"] is None:
+        return f"{check['offset']:.2f}, moved, not settled ({check['rounds']})"
+    return f"{check['offset']:.2f}, moved: {check['remaining']:.2f} +- {check['se']:.2f} ({check['rounds']})"
 
 
 def main(args):

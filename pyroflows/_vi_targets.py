@@ -83,6 +83,13 @@ class Target:
         stopping rule and any iterate average started again)."""
         return False
 
+    def check_globals(self, seed: int) -> dict[str, Any] | None:
+        """After the fit: check (and where needed correct) what the ELBO's optimum cannot
+        get right, returning what :meth:`pyroflows.VI.diagnostics` reports as
+        ``globals_check``; ``None``: nothing to check (see
+        :meth:`pyroflows._vi_amortized.AmortizedTarget.check_globals`)."""
+        return None
+
 
 class NativeTarget(Target):
     """Any ``AutoContinuous`` guide: optimised in its own parameterisation."""
