@@ -218,3 +218,24 @@ def test_example_runs_with_saga(tmp_path):
     result = ex.main(ex.parse_args([*args, "--output-dir", str(tmp_path)]))
     assert (tmp_path / "amortized_hierarchical.json").exists()
     assert all(abs(result[n]["mean"]) < 100 for n in ("mu", "beta"))
+
+
+@pytest.mark.slow  # ~7 s: the default run is kept under 10 minutes
+@pytest.mark.filterwarnings("ignore:VI. :UserWarning")  # 60 steps do not converge
+def test_example_runs_with_vi_and_checks_the_globals(tmp_path):
+    """--vi runs VI (60 steps: too few for its first plateau, so no check of the globals),
+    and --check-globals checks them after SVI."""
+    from tests.test_amortized import _example
+
+    ex = _example()
+    out = ["--output-dir", str(tmp_path), "--num-groups", "200", "--subsample-size", "50"]
+    result = ex.main(ex.parse_args([*out[:2], "--num-groups", "40", "--vi", "--num-steps", "60"]))
+    assert all(abs(result[n]["mean"]) < 100 for n in ("mu", "beta"))
+    assert "globals_check" not in result
+    result = ex.main(ex.parse_args([*out, "--num-steps", "100", "--check-globals"]))
+    check = result["globals_check"]
+    assert check["rounds"] >= 1 and check["local_draws"] == 64
+    mean, cov = ex.exact_globals(ex.simulate(200, 4, seed=0))
+    if check["remaining"] is not None:  # settled: within 0.2 posterior sd of the exact mean
+        for i, name in enumerate(("mu", "beta")):
+            assert abs(result[name]["mean"] - float(mean[i])) < 0.2 * float(cov[i, i].sqrt())
