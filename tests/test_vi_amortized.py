@@ -405,11 +405,16 @@ def trained_target(model_fn, y, batch, steps, seed=0):
     return AmortizedTarget(model_fn, guide, (y, batch), {})
 
 
-def test_marginal_score_matches_the_exact_score_of_a_constrained_global():
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_marginal_score_matches_the_exact_score_of_a_constrained_global(chunk, monkeypatch):
     """The importance-sampled, jackknifed score of u = log tau (N = 60 members in runs of
     B = 16) against the exact d/du [log p(tau) + log|dtau/du| + sum_i log N(y_i; 0,
     tau² + 1)] by autograd, at three values of u: within 2% of the score's range (the
-    score is about N times one member's)."""
+    score is about N times one member's); also one draw of u per pass (``chunk``)."""
+    import pyroflows._vi_amortized as amortized_module
+
+    if chunk is not None:
+        monkeypatch.setattr(amortized_module, "CHECK_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     y = 1.5 * torch.randn(60, generator=g, dtype=D64)
     target = trained_target(scale_model, y, 16, 300)
