@@ -125,6 +125,8 @@ class AmortizedTarget(Target):
         self.nesting = _guess_nesting(model, guide, args, kwargs)
         self.preconditioned = False
         self.rewhitenings = 0
+        # the check's draws of the globals and of each member's locals (None: the defaults)
+        self.check_draws: tuple[int | None, int | None] = (None, None)
 
     def check_vectorized(self) -> None:
         """Draw two particles in one vectorized pass, or raise a ``ValueError`` saying how
@@ -248,17 +250,19 @@ class AmortizedTarget(Target):
         r"""After a fit: estimate the globals' marginal posterior (:meth:`estimate_globals`)
         and, while the global guide is off it (:meth:`GlobalsEstimate.is_off`), move the
         guide onto it (:meth:`move_globals`) and estimate again there, at most
-        ``CHECK_ROUNDS`` estimates in all. ``None`` when there are no globals or they were
-        never whitened; otherwise what :meth:`pyroflows.VI.diagnostics` reports as
-        ``globals_check``:
+        ``CHECK_ROUNDS`` estimates in all. An estimate made after a move that finds the
+        guide on it still moves it onto itself (a small move): it was made nearer the
+        posterior than the one before, whose Gaussian was extrapolated from farther away.
+        ``None`` when there are no globals or they were never whitened; otherwise what
+        :meth:`pyroflows.VI.diagnostics` reports as ``globals_check``:
 
         * ``offset``: how far the fitted guide's mean was from the first estimate, in
           posterior sds (Mahalanobis), and ``sd_ratio`` its sds over the estimate's
           (smallest, largest over directions);
         * ``moved``: whether the guide was moved; ``rounds``: estimates made;
-        * ``remaining``: the last estimate's offset of the guide as it is (``None`` when
-          the last estimate moved it, with no estimate after); ``se``: the last estimate's
-          standard error (posterior sds);
+        * ``remaining``: the last estimate's offset of the guide before that estimate's
+          small final move, if any (``None`` when an estimate that found the guide off
+          was the last); ``se``: the last estimate's standard error (posterior sds);
         * ``local_draws``: the K draws per member of the importance sampling, and
           ``local_ess`` their mean effective sample size over K (near 1: the local guide is
           a good proposal);
@@ -278,6 +282,8 @@ class AmortizedTarget(Target):
             out.update(rounds=r + 1, se=estimate.mean_se, local_ess=estimate.local_ess,
                        remaining=estimate.offset())  # fmt: skip
             if not estimate.is_off():
+                if out["moved"]:  # made closer to the posterior than the last move's
+                    self.move_globals(estimate.mean, estimate.cov)
                 break
             self.move_globals(estimate.mean, estimate.cov)
             out.update(moved=True, remaining=None)
@@ -311,11 +317,16 @@ class AmortizedTarget(Target):
 
     def check_global_draws(self) -> int:
         """Draws of the global guide per estimate: enough for the regression's G + 1
-        coefficients per coordinate (at least ``CHECK_GLOBAL_DRAWS``)."""
+        coefficients per coordinate (at least ``CHECK_GLOBAL_DRAWS``), or as set."""
+        if self.check_draws[0] is not None:
+            return self.check_draws[0]
         return max(CHECK_GLOBAL_DRAWS, 4 * (self.guide.global_guide.latent_dim + 1))
 
     def check_local_draws(self) -> int:
-        """Local draws per member and global draw of the check (more at small N)."""
+        """Local draws per member and global draw of the check (more at small N), or as
+        set."""
+        if self.check_draws[1] is not None:
+            return self.check_draws[1]
         low, high = CHECK_LOCAL_DRAWS
         budget = CHECK_MEMBER_BUDGET // (self.size * self.check_global_draws())
         return max(low, min(high, budget))
