@@ -103,6 +103,9 @@ class GlobalsEstimate:
         return float(eig.min()), float(eig.max())
 
     def is_off(self) -> bool:
+        """Whether the guide's mean is more than ``CHECK_OFFSET`` posterior sd and 3 standard
+        errors off the estimate's, or its sd off by more than the fraction ``CHECK_SD``
+        along some direction."""
         low, high = self.sd_ratios()
         sd_off = max(1 - low, high - 1) > CHECK_SD
         return (self.offset() > CHECK_OFFSET and self.offset() > 3 * self.mean_se) or sd_off
@@ -273,21 +276,32 @@ class AmortizedTarget(Target):
             return None
         out: dict[str, Any] = dict(moved=False, rounds=0, local_draws=self.check_local_draws())
         for r in range(CHECK_ROUNDS):
-            estimate = self.estimate_globals(seed + r)
-            if estimate is None:
-                out["reason"] = "the estimated curvature was not negative definite"
+            try:
+                if not self._check_round(out, seed + r):
+                    break
+            except torch.linalg.LinAlgError as err:  # e.g. a degenerate guide covariance
+                out["reason"] = f"linear algebra failed: {err}"
                 break
-            if r == 0:
-                out.update(offset=estimate.offset(), sd_ratio=estimate.sd_ratios())
-            out.update(rounds=r + 1, se=estimate.mean_se, local_ess=estimate.local_ess,
-                       remaining=estimate.offset())  # fmt: skip
-            if not estimate.is_off():
-                if out["moved"]:  # made closer to the posterior than the last move's
-                    self.move_globals(estimate.mean, estimate.cov)
-                break
-            self.move_globals(estimate.mean, estimate.cov)
-            out.update(moved=True, remaining=None)
         return out
+
+    def _check_round(self, out: dict[str, Any], seed: int) -> bool:
+        """One estimate of :meth:`check_globals` (and a move), recorded in ``out``;
+        returns whether to go on."""
+        estimate = self.estimate_globals(seed)
+        if estimate is None:
+            out["reason"] = "the estimated curvature was not negative definite"
+            return False
+        if out["rounds"] == 0:
+            out.update(offset=estimate.offset(), sd_ratio=estimate.sd_ratios())
+        out.update(rounds=out["rounds"] + 1, se=estimate.mean_se, local_ess=estimate.local_ess,
+                   remaining=estimate.offset())  # fmt: skip
+        if not estimate.is_off():
+            if out["moved"]:  # made nearer the posterior than the last move's
+                self.move_globals(estimate.mean, estimate.cov)
+            return False
+        self.move_globals(estimate.mean, estimate.cov)
+        out.update(moved=True, remaining=None)
+        return True
 
     @torch.no_grad()
     def move_globals(self, mean: Tensor, cov: Tensor) -> None:
