@@ -84,7 +84,8 @@ def test_draws_cover_every_member():
 def test_fit_without_subsampling_matches_the_exact_posterior():
     """N = 12 groups, the whole plate per step: VI's amortized fit is within 0.15 posterior
     sd of the exact means of mu and every theta_i, its sds within 15%, and k-hat < 0.7
-    (measured: 0.04 sd, 0.97-1.02, k-hat 0.06, 1,100 steps)."""
+    (measured: 0.03 sd, 0.97-1.02, k-hat 0.29, 1,100 steps; the check of the globals
+    kept the fit, 0.03 sd off its estimate)."""
     y = data(12)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=2, hidden_dims=[32])
     vi = VI(model, guide, seed=0, progress_bar=False, num_draws=2000).run(y)
@@ -103,7 +104,7 @@ def test_fit_without_subsampling_matches_the_exact_posterior():
 def test_subsampled_fit_uses_saga_and_the_paired_rule():
     """N = 200 groups, 20 per step: the fit runs SAGA steps and stops by the paired rule
     before the budget; mu is within 0.5 posterior sd of its exact mean and its sd within
-    20% (measured: -0.001 sd, sd ratio 0.98, k-hat 0.32, 1,200 steps)."""
+    20% (measured: -0.001 sd, sd ratio 0.98, k-hat 0.32, 1,200 steps; the check kept it)."""
     y = data(200)
     guide = AutoAmortizedFlowGuide(model, num_flows=1, num_local_flows=1, hidden_dims=[32])
     vi = VI(model, guide, seed=0, progress_bar=False, num_draws=500, max_steps=3000)
