@@ -751,7 +751,7 @@ class AutoAmortizedFlowGuide(AutoGuide):
         The ELBO's optimum for the global guide is the posterior only if the local guide is
         exact; with many members a common error of the local guide far below what an ELBO
         estimate resolves moves the globals by posterior sds (at N = 100,000, VI's globals
-        ended 0.6-1.2 posterior sd off). This estimates the globals' marginal score
+        ended 0.15-1.2 posterior sd off). This estimates the globals' marginal score
         :math:`\nabla \log p(\theta \mid x)` by importance sampling each member's locals with
         the local guide (a pass over all members, jackknifed over the draws), fits a
         Gaussian to it over draws of the global guide, and moves the global guide by an

@@ -655,8 +655,9 @@ class VI:
     Measured (``benchmarks/results/amortized_vi.md``, three seeds each): good fits at
     N = 20 (globals within 0.03 posterior sd) and at N = 2,000 with B = 256 (within 0.03
     sd, sds 0.95-1.02, k-hat 0.00-0.40), the check keeping every fit; at N = 100,000 it
-    moved the globals of all three fits, from 0.15-1.2 posterior sd off to within 0.10
-    (RMS 0.044), sds 0.95-1.10 of the exact (what is left is the check's own noise; two
+    moved the globals of all three fits, from 0.15-1.2 posterior sd off to within 0.05
+    (RMS 0.025), sds 0.96-1.04 of the exact, about what the SVI recipe of
+    ``examples/amortized_hierarchical.py`` gets (what is left is the check's own noise; two
     estimates of about 45 s each at that N).
 
     Args:
