@@ -85,6 +85,7 @@ class GlobalsEstimate:
     q_cov: Tensor
     mean_se: float  # the estimate's mean, posterior sds, worst direction
     local_ess: float  # the members' mean importance-sampling ESS / K
+    sd_se: float = 0.0  # relative standard error of the estimate's sds (worst coordinate)
 
     def offset(self) -> float:
         """The guide's mean from the estimate's, in posterior sds (Mahalanobis)."""
@@ -104,10 +105,10 @@ class GlobalsEstimate:
 
     def is_off(self) -> bool:
         """Whether the guide's mean is more than ``CHECK_OFFSET`` posterior sd and 3 standard
-        errors off the estimate's, or its sd off by more than the fraction ``CHECK_SD``
-        along some direction."""
+        errors off the estimate's, or its sd off by more than the fraction ``CHECK_SD`` and
+        3 relative standard errors along some direction."""
         low, high = self.sd_ratios()
-        sd_off = max(1 - low, high - 1) > CHECK_SD
+        sd_off = max(1 - low, high - 1) > max(CHECK_SD, 3 * self.sd_se)
         return (self.offset() > CHECK_OFFSET and self.offset() > 3 * self.mean_se) or sd_off
 
 
@@ -355,8 +356,8 @@ class AmortizedTarget(Target):
         posterior has the score :math:`-\Sigma^{-1}(w - m)`, so the slope gives
         :math:`\Sigma` and the intercept at the guide's mean :math:`\bar w` gives :math:`m
         = \bar w + \Sigma \bar g`. The intercept's standard error (from the residuals: the
-        importance sampling's noise plus any departure from a Gaussian) gives ``mean_se``.
-        ``None`` when the fitted slope is not negative definite."""
+        importance sampling's noise plus any departure from a Gaussian) gives ``mean_se``,
+        the slope's ``sd_se``. ``None`` when the fitted slope is not negative definite."""
         gg = self.guide.global_guide
         with torch.random.fork_rng(devices=_devices()):
             torch.manual_seed(seed)
@@ -374,13 +375,9 @@ class AmortizedTarget(Target):
         if not bool(torch.linalg.eigvalsh(precision).min() > 0):
             return None
         cov = torch.linalg.inv(precision).to(w)
-        chol = torch.linalg.cholesky(cov)
         mean = q_mean + cov @ coef[0]
-        # var(mean) = cov var(intercept) cov; in posterior sds (cov's Cholesky), the worst
-        var_b = (resid.T @ resid / max(1, len(w) - x.shape[1])) * xtx_inv[0, 0]
-        m = chol.T @ var_b @ chol
-        mean_se = float(torch.linalg.eigvalsh((m + m.T) / 2).max().clamp_min(0).sqrt())
-        return GlobalsEstimate(mean, cov, q_mean, q_cov, mean_se, local_ess)
+        mean_se, sd_se = _standard_errors(resid, xtx_inv, cov, precision.to(w))
+        return GlobalsEstimate(mean, cov, q_mean, q_cov, mean_se, local_ess, sd_se)
 
     def marginal_score(self, theta: Tensor, num_locals: int) -> tuple[Tensor, float]:
         r"""At each unconstrained draw of the globals ``theta`` ``(S, G)``, the gradient of
@@ -573,6 +570,22 @@ class AmortizedTarget(Target):
                 parts[name].append(value.index_select(dim, keep.to(value.device)))
         out.update({name: torch.cat(p, self._plate_dim(name)) for name, p in parts.items()})
         return out
+
+
+def _standard_errors(
+    resid: Tensor, xtx_inv: Tensor, cov: Tensor, precision: Tensor
+) -> tuple[float, float]:
+    """Of :meth:`AmortizedTarget.estimate_globals`' regression (residuals ``(S, G)``, the
+    inverse Gram matrix ``(1 + G, 1 + G)``): the standard error of the estimated mean in
+    posterior sds along the worst direction (var(mean) = cov var(intercept) cov, whitened by
+    cov's Cholesky factor), and the relative standard error of the estimated sds (half the
+    precision's, diagonal, worst coordinate)."""
+    res_cov = resid.T @ resid / max(1, len(resid) - xtx_inv.shape[0])  # (G, G)
+    chol = torch.linalg.cholesky(cov)
+    m = chol.T @ (res_cov * xtx_inv[0, 0]) @ chol
+    mean_se = float(torch.linalg.eigvalsh((m + m.T) / 2).max().clamp_min(0).sqrt())
+    slope_se = (res_cov.diagonal() * xtx_inv.diagonal()[1:]).sqrt()  # (G,)
+    return mean_se, float((0.5 * slope_se / precision.diagonal()).max())
 
 
 def _devices() -> list[int]:
