@@ -1361,8 +1361,8 @@ def _globals_text(check: dict[str, Any] | None) -> list[str]:
     if check["remaining"] is None:
         return [first + f"; moved, not settled after {check['rounds']} estimates"]
     return [
-        first + f"; moved onto the estimate, now {check['remaining']:.2f} ± {check['se']:.2f} "
-        f"sd off ({check['rounds']} estimates)"
+        first + f"; moved onto the estimates ({check['rounds']}; the last found it "
+        f"{check['remaining']:.2f} ± {check['se']:.2f} sd off)"
     ]
 
 

@@ -560,3 +560,21 @@ def test_public_check_globals_errors():
         guide.check_globals(y, 4, num_local_draws=1)
     check = guide.check_globals(y, 4, num_global_draws=8, num_local_draws=4)
     assert check["local_draws"] == 4 and check["rounds"] >= 1
+
+
+def test_summary_line_of_the_globals_check():
+    """diagnostics()["globals_check"] as summary() prints it: kept, moved, unsettled, none."""
+    from pyroflows.vi import _globals_text
+
+    base = dict(local_draws=16, local_ess=0.99, offset=0.72, sd_ratio=(0.6, 1.1), se=0.04)
+    (kept,) = _globals_text(base | dict(moved=False, rounds=1, remaining=0.72))
+    assert "16 draws, ESS / K 0.99" in kept and "0.72 posterior sd off" in kept
+    assert kept.endswith("(se 0.04): kept")
+    (moved,) = _globals_text(base | dict(moved=True, rounds=2, remaining=0.07))
+    assert moved.endswith("moved onto the estimates (2; the last found it 0.07 ± 0.04 sd off)")
+    (unsettled,) = _globals_text(base | dict(moved=True, rounds=3, remaining=None))
+    assert unsettled.endswith("moved, not settled after 3 estimates")
+    assert _globals_text(dict(moved=False, rounds=0, local_draws=16, reason="why")) == [
+        "globals: not checked (why)"
+    ]
+    assert _globals_text(None) == []
