@@ -31,7 +31,7 @@ same pieces as the other targets through the model and guide traces instead:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -40,8 +40,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
-from torch.distributions import biject_to
 
+from pyroflows._potential import latent_sites
 from pyroflows._vi_targets import Target
 from pyroflows.amortized import AutoAmortizedFlowGuide
 from pyroflows.guides import _PRECOND_BUFFERS
@@ -241,12 +241,7 @@ class AmortizedTarget(Target):
         about 100 and SAGA's gradient noise 20x what it is in the posterior's own (per-step
         sd 140 for mu's location, against 6.5 with the exact posterior's). Whitening again
         by the moments the next phase reached puts the coordinates back in scale."""
-        gg = self.guide.global_guide
-        z = gg.get_posterior().sample((num_samples,))  # (S, G), unconstrained
-        w = torch.linalg.solve_triangular(
-            gg.precond_scale_tril, (z - gg.precond_loc).T, upper=False
-        )
-        eig = torch.linalg.eigvalsh(torch.atleast_2d(torch.cov(w)))
+        eig = torch.linalg.eigvalsh(self._guide_moments(num_samples)[1])
         return bool(eig.max() > REWHITEN_SD**2 or eig.min() < REWHITEN_SD**-2)
 
     # ------------------------------------------------------------ the globals' check
@@ -443,25 +438,14 @@ class AmortizedTarget(Target):
         log-Jacobians at the unconstrained draws ``leaf``: the log prior density (and any
         global likelihood) in unconstrained coordinates."""
         total = leaf.new_zeros(())
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                continue
-            if any(f.name == self.plate for f in site["cond_indep_stack"]):
-                continue
-            lp = site["fn"].log_prob(site["value"])
-            if site["mask"] is not None:
-                lp = lp * site["mask"]
-            lp = torch.as_tensor(lp * site["scale"])
+        trace.compute_log_prob()
+        for site in _outside_sites(trace, self.plate):
+            lp = torch.as_tensor(site["log_prob"])
             if lp.numel() % (s * k) == 0:  # else it does not depend on the draws
                 total = total + lp.reshape(s, k, -1).sum(-1).mean(1).sum()
-        gg, pos = self.guide.global_guide, 0
-        for name, site in gg.prototype_trace.iter_stochastic_nodes():
-            shape = gg._unconstrained_shapes[name]
-            size = math.prod(shape)
-            u = leaf[:, pos : pos + size].reshape((s, *shape))
-            pos += size
-            ladj = biject_to(site["fn"].support).log_abs_det_jacobian(u, values[name])
-            total = total + ladj.sum()
+        for site in latent_sites(self.guide.global_guide.prototype_trace):
+            u = leaf[:, site.start : site.start + site.size].reshape((s, *site.shape))
+            total = total + site.transform.log_abs_det_jacobian(u, values[site.name]).sum()
         return total
 
     # ------------------------------------------------------------ importance weights
@@ -597,16 +581,21 @@ def _outside(model_trace: poutine.Trace, guide_trace: poutine.Trace, plate: str)
     total: Tensor | float = 0.0
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                continue
+        for site in _outside_sites(trace, plate):
             if sign < 0 and site["is_observed"]:
-                continue
-            if any(f.name == plate for f in site["cond_indep_stack"]):
                 continue
             lp = torch.as_tensor(site["log_prob"])
             total = total + sign * lp.reshape(lp.shape[0] if lp.dim() else 1, -1).sum(-1)
     return torch.as_tensor(total).reshape(-1)
+
+
+def _outside_sites(trace: poutine.Trace, plate: str) -> Iterator[dict[str, Any]]:
+    """The sample sites of ``trace`` outside ``plate`` (not the subsample sites)."""
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+            continue
+        if not any(f.name == plate for f in site["cond_indep_stack"]):
+            yield site
 
 
 def is_amortized(guide: object) -> bool:
